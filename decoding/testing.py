@@ -1,0 +1,159 @@
+"""Tiny random LLaVA models and a matching processor, built in code (no downloads).
+
+Used by the test-suite, the quick benchmark and pipeline tests. Everything here is real
+transformers machinery (`LlavaForConditionalGeneration`, `LlavaProcessor`, a fast tokenizer);
+only the sizes are tiny and the weights random.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+TEXT_CONFIG_DEFAULTS = {
+    "llama": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=False),
+}
+
+# Word-level vocabulary of the tiny processor; ids 0..3 are special.
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+IMAGE_TOKEN = "<image>"
+
+
+def tiny_llava_config(
+    *,
+    text: str = "llama",
+    vocab_size: int = 96,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    image_size: int = 16,
+    patch_size: int = 8,
+    vision_feature_select_strategy: str = "default",
+    image_token_id: int | None = None,
+    initializer_range: float = 0.2,
+    **text_overrides,
+) -> LlavaConfig:
+    """A LlavaConfig small enough to run hundreds of generations per minute on one CPU core.
+
+    `initializer_range` is larger than usual so that logits are well spread: with the 0.02 of
+    real checkpoints a random model's top-2 logits are often within float rounding, and an
+    fp32 equality test would then measure noise instead of the decoder.
+    """
+    if text not in TEXT_CONFIG_DEFAULTS:
+        raise ValueError(f"text must be one of {sorted(TEXT_CONFIG_DEFAULTS)}, got {text!r}")
+    image_token_id = vocab_size - 1 if image_token_id is None else image_token_id
+    text_config = dict(TEXT_CONFIG_DEFAULTS[text])
+    text_config.update(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=2048,
+        initializer_range=initializer_range,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    text_config.update(text_overrides)
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config,
+        image_token_id=image_token_id,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        image_seq_length=image_tokens_per_image(image_size, patch_size, vision_feature_select_strategy),
+    )
+    config.initializer_range = initializer_range
+    return config
+
+
+def image_tokens_per_image(image_size: int, patch_size: int, strategy: str) -> int:
+    patches = (image_size // patch_size) ** 2
+    return patches if strategy == "default" else patches + 1
+
+
+def make_tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> LlavaForConditionalGeneration:
+    """A random tiny LLaVA in eval mode; the same seed and config give the same weights."""
+    config = tiny_llava_config(**config_kwargs)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.bos_token_id = config.text_config.bos_token_id
+    return model.to(dtype).eval()
+
+
+def make_tiny_processor(vocab_size: int = 96, image_size: int = 16, patch_size: int = 8,
+                        vision_feature_select_strategy: str = "default"):
+    """A real LlavaProcessor: word-level fast tokenizer (ids match `tiny_llava_config`) + CLIP image processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS) - 1)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words + [IMAGE_TOKEN])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    chat_template = (
+        "{% for message in messages %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} {% endif %}"
+        "{% endfor %}{% endfor %}{% if add_generation_prompt %}w0{% endif %}"
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+    )
+
+
+def save_tiny_pair(directory: str | Path, target_seed: int = 0, draft_seed: int = 1,
+                   draft_layers: int = 1, **config_kwargs) -> tuple[Path, Path]:
+    """Save a tiny target and a tiny draft (with processors) under `directory`/{target,draft}."""
+    directory = Path(directory)
+    processor = make_tiny_processor(**{k: v for k, v in config_kwargs.items()
+                                      if k in ("vocab_size", "image_size", "patch_size",
+                                               "vision_feature_select_strategy")})
+    paths = []
+    for name, seed, layers in (("target", target_seed, config_kwargs.pop("num_layers", 2)),
+                               ("draft", draft_seed, draft_layers)):
+        model = make_tiny_llava(seed=seed, num_layers=layers, **config_kwargs)
+        path = directory / name
+        model.save_pretrained(path, safe_serialization=True)
+        processor.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,0 +1,1 @@
+"""Ray Data graph, schemas, storage and checkpointing for batch captioning."""
