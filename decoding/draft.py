@@ -1,0 +1,115 @@
+"""The draft side of a step: feed the newly accepted tokens, then grow a dynamic tree.
+
+Tree growth (EAGLE-2 with Spec-LLaVA's confidence stop), all rows in the same draft forwards:
+depth-1 candidates are the top-k children of the root; then, depth after depth, the best
+`frontier` candidates of the last depth whose path probability is at least `threshold` are fed
+to the draft (each sees the committed prefix and its own ancestors) and their top-k children
+become the next candidates. Finally the best `max_nodes` candidates are kept (ancestors always
+kept). Temporary tree KV is dropped afterwards: the draft cache only ever holds accepted tokens.
+
+Dimensions: B rows, P pending tokens, F frontier width, C candidates, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .cache import KVState
+from .models import forward_block
+from .tree import DraftTree, TreeConfig, expand_children, prune_tree, select_frontier
+
+
+class TreeDrafter:
+    """Proposes one DraftTree per row from a draft LLaVA and its KVState."""
+
+    def __init__(self, model, config: TreeConfig, vocab_limit: int):
+        self.model = model
+        self.config = config
+        self.vocab_limit = vocab_limit   # tokens the target can also emit (drafts never propose others)
+
+    def _logprobs(self, logits: Tensor, temperature: float) -> Tensor:
+        logits = logits[..., : self.vocab_limit].float()
+        if temperature > 0:
+            logits = logits / temperature
+        return torch.log_softmax(logits, dim=-1)
+
+    def feed_pending(self, state: KVState, pending: Tensor, pending_len: Tensor) -> Tensor:
+        """Commit the accepted tokens the draft has not seen; return logits after the last one.
+
+        pending: [B, P] (right-padded), pending_len: [B] >= 1. Returns [B, V].
+        """
+        B, P = pending.shape
+        ar = torch.arange(P, device=pending.device)
+        valid = ar.unsqueeze(0) < pending_len.unsqueeze(1)                      # [B, P]
+        causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=pending.device))
+        vis = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(P, dtype=torch.bool, device=pending.device)
+        positions = state.lengths.unsqueeze(1) + ar.unsqueeze(0)
+        logits = forward_block(self.model, state, pending, positions, vis, valid)
+        state.commit_all()
+        return logits[torch.arange(B, device=pending.device), pending_len - 1]
+
+    def propose(self, state: KVState, pending: Tensor, pending_len: Tensor, max_depth: int,
+                temperature: float) -> tuple[DraftTree, int]:
+        """Grow one tree per row. Returns the tree and the number of draft forwards made."""
+        cfg = self.config
+        device = pending.device
+        B = pending.shape[0]
+        root_lp = self._logprobs(self.feed_pending(state, pending, pending_len), temperature)
+        forwards = 1
+        zeros = torch.zeros(B, 1, device=device)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+        tok, par, score, valid, chain = expand_children(
+            torch.full((B, 1), -1, dtype=torch.long, device=device), zeros, ones, ones,
+            root_lp.unsqueeze(1), cfg.top_k)
+        pool_tok, pool_par, pool_score, pool_valid, pool_chain = [tok], [par], [score], [valid], [chain]
+        pool_depth = [torch.ones_like(tok)]
+        level_start, size = 0, tok.shape[1]
+        temp_cand = torch.empty(B, 0, dtype=torch.long, device=device)           # pool index per temp slot
+        log_thr = math.log(cfg.threshold) if cfg.threshold > 0 else -math.inf
+        for depth in range(2, max_depth + 1):
+            all_score = torch.cat(pool_score, 1)
+            all_valid = torch.cat(pool_valid, 1)
+            all_par = torch.cat(pool_par, 1)
+            all_chain = torch.cat(pool_chain, 1)
+            local, front_valid = select_frontier(all_score[:, level_start:], all_valid[:, level_start:],
+                                                 all_chain[:, level_start:], cfg.frontier)
+            front = local + level_start                                          # [B, F]
+            front_score = all_score.gather(1, front)
+            front_valid &= front_score >= log_thr
+            if not bool(front_valid.any()):
+                break
+            F = front.shape[1]
+            # Ancestors of each frontier node (excluding itself) are frontier nodes of earlier depths.
+            ancestors, cur = [], front
+            for _ in range(depth - 2):
+                cur = all_par.gather(1, cur.clamp(min=0))
+                ancestors.append(cur)
+            if ancestors:
+                anc = torch.stack(ancestors, -1)                                  # [B, F, depth-2]
+                sees_temp = (temp_cand.unsqueeze(1).unsqueeze(-1) == anc.unsqueeze(2)).any(-1)
+                sees_temp &= (temp_cand >= 0).unsqueeze(1)                        # [B, F, T]
+            else:
+                sees_temp = torch.zeros(B, F, temp_cand.shape[1], dtype=torch.bool, device=device)
+            eye = torch.eye(F, dtype=torch.bool, device=device).expand(B, F, F)
+            vis = torch.cat([sees_temp, eye], dim=-1)
+            tokens = torch.cat(pool_tok, 1).gather(1, front)
+            # The root sits at lengths - 1 (it was the last pending token); a node at depth j at root + j.
+            positions = (state.lengths.unsqueeze(1) + (depth - 2)).expand(B, F)
+            logits = forward_block(self.model, state, tokens, positions, vis, front_valid)
+            forwards += 1
+            temp_cand = torch.cat([temp_cand, front.masked_fill(~front_valid, -1)], 1)
+            tok, par, score, valid, chain = expand_children(
+                front, front_score, front_valid, all_chain.gather(1, front),
+                self._logprobs(logits, temperature), cfg.top_k)
+            level_start = size
+            size += tok.shape[1]
+            pool_tok.append(tok); pool_par.append(par); pool_score.append(score); pool_valid.append(valid)
+            pool_chain.append(chain)
+            pool_depth.append(torch.full_like(tok, depth))
+        state.crop()
+        tree = prune_tree(torch.cat(pool_tok, 1), torch.cat(pool_par, 1), torch.cat(pool_depth, 1),
+                          torch.cat(pool_score, 1), torch.cat(pool_valid, 1), torch.cat(pool_chain, 1),
+                          cfg.max_nodes, max_depth)
+        return tree, forwards

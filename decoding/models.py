@@ -1,0 +1,204 @@
+"""Model-facing helpers: pair checks, prefill (with shared image features) and masked forwards.
+
+This is the only module that calls the models. Dimensions: B rows, T prompt tokens, Q query
+tokens of one forward, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .cache import KVState
+from .errors import InputError, ModelPairError
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+# Draft and target vocabularies may differ by embedding padding (e.g. 32000 vs 32064);
+# anything larger means different tokenizers.
+MAX_VOCAB_PADDING = 256
+
+
+def text_config(model):
+    return model.config.text_config
+
+
+def vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def sliding_window(model) -> tuple[int | None, tuple[str, ...] | None]:
+    """(window, per-layer kinds) of the text model; window None when attention is full everywhere.
+
+    HF's sliding mask lets a query see keys whose distance is < window.
+    """
+    cfg = text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, None
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds and "full_attention" in kinds:
+        return int(window), tuple(kinds)
+    return int(window), None
+
+
+def image_tokens_per_image(model) -> int:
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+
+
+def check_pair(target, draft) -> None:
+    """Raise ModelPairError when target and draft cannot decode together."""
+    for role, model in (("target", target), ("draft", draft)):
+        if model.config.model_type != "llava":
+            raise ModelPairError(f"{role} must be a LlavaForConditionalGeneration, got model_type "
+                                 f"{model.config.model_type!r}")
+        kind = text_config(model).model_type
+        if kind not in SUPPORTED_TEXT_MODELS:
+            raise ModelPairError(f"{role} text model {kind!r} is not supported; supported: "
+                                 f"{', '.join(SUPPORTED_TEXT_MODELS)}")
+        attn = getattr(text_config(model), "_attn_implementation", None) or "sdpa"
+        if attn not in ("sdpa", "eager"):
+            raise ModelPairError(f"{role} uses attn_implementation={attn!r}; tree verification needs a "
+                                 "custom 4D mask: load with attn_implementation='sdpa' or 'eager'")
+        if model.training:
+            raise ModelPairError(f"{role} is in training mode; call .eval() first")
+    if model_device(target) != model_device(draft):
+        raise ModelPairError(f"target is on {model_device(target)} but draft is on {model_device(draft)}; "
+                             "move both to the same device")
+    vt, vd = vocab_size(target), vocab_size(draft)
+    if abs(vt - vd) > MAX_VOCAB_PADDING:
+        raise ModelPairError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ by more than "
+                             "embedding padding: the draft must share the target's tokenizer")
+    if target.config.image_token_id != draft.config.image_token_id:
+        raise ModelPairError(f"image token id differs (target {target.config.image_token_id}, draft "
+                             f"{draft.config.image_token_id}): the draft must share the target's tokenizer")
+    if image_tokens_per_image(target) != image_tokens_per_image(draft):
+        raise ModelPairError(f"target expands an image to {image_tokens_per_image(target)} tokens but the "
+                             f"draft to {image_tokens_per_image(draft)}; the draft must use the same "
+                             "vision input shape as the target")
+
+
+def shares_vision_tower(target, draft) -> bool:
+    """True when the draft's vision tower is the target's (same module or identical weights)
+    and both select the same features, so image features can be computed once."""
+    if (target.config.vision_feature_layer != draft.config.vision_feature_layer
+            or target.config.vision_feature_select_strategy != draft.config.vision_feature_select_strategy):
+        return False
+    tv, dv = target.model.vision_tower, draft.model.vision_tower
+    if tv is dv:
+        return True
+    t_state, d_state = tv.state_dict(), dv.state_dict()
+    if t_state.keys() != d_state.keys():
+        return False
+    return all(t_state[k].shape == d_state[k].shape and t_state[k].dtype == d_state[k].dtype
+               and (t_state[k].data_ptr() == d_state[k].data_ptr() or torch.equal(t_state[k], d_state[k]))
+               for k in t_state)
+
+
+def vision_hidden_states(model, pixel_values: Tensor) -> tuple[Tensor, ...]:
+    """Hidden states of the vision tower, computed once and shared when the towers are identical."""
+    tower = model.model.vision_tower
+    pixel_values = pixel_values.to(model_device(model), model_dtype(model))
+    return tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+
+
+def project_image_features(model, hidden_states: tuple[Tensor, ...]) -> dict:
+    """`mm_encoder_outputs` for LlavaModel.forward, from shared vision hidden states
+    (same selection and projection as LlavaModel.get_image_features)."""
+    layer = model.config.vision_feature_layer
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    selected = [hidden_states[i] for i in layers]
+    if model.config.vision_feature_select_strategy == "default":
+        selected = [h[:, 1:] for h in selected]
+    features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+    features = model.model.multi_modal_projector(features.to(model_dtype(model)))
+    return {"image": BaseModelOutputWithPooling(pooler_output=list(features))}
+
+
+def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+            mm_encoder_outputs: dict | None = None) -> tuple[KVState, Tensor]:
+    """One forward over the prompt, exactly as `generate` does it (2D mask, positions from the
+    mask). Returns the cache state and the logits at the last position, [B, V]."""
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    kwargs = {}
+    if mm_encoder_outputs is not None:
+        kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+    elif pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values.to(model_dtype(model))
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    window, kinds = sliding_window(model)
+    state = KVState(cache, positions.masked_fill(attention_mask == 0, -1), window=window, layer_kinds=kinds)
+    return state, out.logits[:, -1, :]
+
+
+def forward_block(model, state: KVState, tokens: Tensor, positions: Tensor, extra_vis: Tensor,
+                  query_valid: Tensor) -> Tensor:
+    """Forward Q tokens per row over the cache with an explicit visibility pattern.
+
+    tokens, positions, query_valid: [B, Q]; extra_vis: [B, Q, S - committed + Q] bool (see
+    KVState.attention_mask). Appends Q slots to the cache. Returns logits [B, Q, V].
+    """
+    vmax = model.get_input_embeddings().weight.shape[0]
+    tokens = torch.where(tokens < vmax, tokens, torch.zeros_like(tokens))  # padded-vocab ids the model lacks
+    mask = state.attention_mask(positions, extra_vis, model_dtype(model))
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=state.cache,
+                use_cache=True)
+    state.appended(positions, query_valid)
+    return out.logits
+
+
+def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> None:
+    """Raise InputError for malformed generate() inputs."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise InputError(f"input_ids must be a 2D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise InputError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    mask = attention_mask.bool()
+    if not bool(mask[:, -1].all()):
+        raise InputError("input_ids must be left-padded (LlavaProcessor with padding_side='left'): "
+                         "some rows end with padding")
+    if bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+        raise InputError("attention_mask has holes: each row must be left padding followed by tokens")
+    B = input_ids.shape[0]
+    per_image = image_tokens_per_image(target)
+    n_tokens = ((input_ids == target.config.image_token_id) & mask).sum(-1)  # [B]
+    if pixel_values is None:
+        if bool((n_tokens > 0).any()):
+            raise InputError("input_ids contain image tokens but pixel_values is None")
+        return
+    if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
+        raise InputError(f"pixel_values must be a 4D tensor [num_images, C, H, W], got "
+                         f"{tuple(getattr(pixel_values, 'shape', ()))}")
+    vision = target.config.vision_config
+    if tuple(pixel_values.shape[1:]) != (vision.num_channels, vision.image_size, vision.image_size):
+        raise InputError(f"pixel_values images must be {vision.num_channels}x{vision.image_size}x"
+                         f"{vision.image_size} for this target, got {tuple(pixel_values.shape[1:])}")
+    bad = n_tokens % per_image != 0
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise InputError(f"row {row} has {int(n_tokens[row])} image tokens, not a multiple of the "
+                         f"{per_image} tokens one image expands to (was the prompt processed by the "
+                         "target's processor?)")
+    images = int(n_tokens.sum()) // per_image
+    if images != pixel_values.shape[0]:
+        raise InputError(f"input_ids hold image tokens for {images} image(s) but pixel_values has "
+                         f"{pixel_values.shape[0]} (batch of {B} rows)")
