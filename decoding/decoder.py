@@ -48,7 +48,8 @@ class SpeculativeDecoder:
                  eos_token_id: int | Iterable[int] | None = None,
                  generator: torch.Generator | None = None) -> GenerationResult:
         """Decode every row. input_ids/attention_mask: [B, T] left-padded with image tokens expanded;
-        pixel_values: [num_images, C, H, W] or None."""
+        pixel_values: [num_images, C, H, W] or None. eos_token_id: an id, a list of ids ([] = never
+        stop early) or None for the target's generation_config default."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not temperature >= 0:
