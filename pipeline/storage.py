@@ -37,3 +37,89 @@ def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, 
             raise ValueError(f"S3 URI has no bucket: {uri!r}")
         return s3_filesystem(s3_endpoint), f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def fetch_bytes(uri: str, s3_endpoint: str | None = None, max_bytes: int | None = None,
+                filesystems: dict | None = None) -> bytes:
+    """Read one object (s3://bucket/key or a local path) into memory.
+
+    Raises FileNotFoundError when it does not exist and ValueError when it is larger than
+    `max_bytes` (checked from the listing before anything is downloaded). `filesystems` is an
+    optional cache {key: filesystem} so a stage reading thousands of URIs builds one client.
+    """
+    key = "s3" if is_s3(uri) else "local"
+    if filesystems is not None and key in filesystems:
+        fs = filesystems[key]
+        path = resolve(uri, s3_endpoint)[1] if key == "local" else _s3_path(uri)
+    else:
+        fs, path = resolve(uri, s3_endpoint)
+        if filesystems is not None:
+            filesystems[key] = fs
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such object: {uri}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"not a file: {uri}")
+    if max_bytes is not None and info.size is not None and info.size > max_bytes:
+        raise ValueError(f"object is {info.size} bytes, over the {max_bytes}-byte limit: {uri}")
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _s3_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise ValueError(f"S3 URI has no bucket: {uri!r}")
+    return f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def list_parquet_files(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """All *.parquet files under a local dir / S3 prefix (or the single file named), sorted.
+
+    Names starting with '_' or '.' are skipped (markers, checkpoints, hidden files), as
+    pyarrow.dataset does.
+    """
+    fs, path = resolve(uri, s3_endpoint)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return fs, [path]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {uri}")
+    files = []
+    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = entry.path[len(path):].lstrip("/")
+        if entry.type != pafs.FileType.File or not rel.endswith(".parquet"):
+            continue
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        files.append(entry.path)
+    return fs, sorted(files)
+
+
+def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None = None) -> str:
+    """A local directory holding `uri`'s files: the path itself when local, else a cached copy.
+
+    S3 model directories are copied once to `cache_dir` (default ~/.cache/specllava/models)
+    under a name derived from the URI. The copy is made in a temporary directory and renamed
+    into place, so a copy killed mid-way is never used.
+    """
+    if not is_s3(uri):
+        return os.path.abspath(os.path.expanduser(uri))
+    import hashlib
+    import shutil
+
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "specllava", "models")
+    name = hashlib.sha256(f"{s3_endpoint or ''}|{uri}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, name)
+    if os.path.isdir(target):
+        return target
+    fs, path = resolve(uri, s3_endpoint)
+    tmp = f"{target}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process renamed its complete copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,91 @@
+"""Preprocessor and CaptionWorker as plain callables (no Ray): bad images, one row per row, exactness."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipeline.schema import output_schema
+from pipeline_helpers import (corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
+                              reference_captions, truncated_bytes)
+from workers.preprocess import ImageRejected, Preprocessor, decode_image
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def preprocessor(tiny_pair):
+    return Preprocessor(tiny_pair[0], image_column="image", prompt_column="prompt")
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_pair):
+    from workers.caption import CaptionWorker
+    return CaptionWorker(*tiny_pair, max_new_tokens=MAX_NEW, torch_threads=1)
+
+
+def test_decode_image_limits():
+    assert decode_image(png_bytes(0)).mode == "RGB"
+    with pytest.raises(ImageRejected, match="empty"):
+        decode_image(b"")
+    with pytest.raises(ImageRejected, match="pixel limit"):
+        decode_image(huge_bytes(7000))
+    with pytest.raises(ImageRejected, match="byte limit"):
+        decode_image(png_bytes(0), max_bytes=10)
+    with pytest.raises(ImageRejected, match="aspect"):
+        decode_image(_wide_png())
+    with pytest.raises(Exception):
+        decode_image(corrupt_bytes())
+    with pytest.raises(Exception):
+        decode_image(truncated_bytes())
+
+
+def _wide_png() -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 2)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_worker_batch_matches_target_greedy_and_keeps_every_row(preprocessor, worker, tiny_pair):
+    images = {f"r{i}": png_bytes(i) for i in range(6)}
+    images.update({"corrupt": corrupt_bytes(), "empty": b"", "huge": huge_bytes(),
+                   "truncated": truncated_bytes(), "none": None})
+    prompts = {"r1": "w5 w6 w7 w8 w9", "r4": "w3"}  # different lengths -> real left padding
+    ids = list(images)
+    batch = pa.table({"id": ids, "image": pa.array([images[k] for k in ids], pa.binary()),
+                      "prompt": pa.array([prompts.get(k) for k in ids], pa.string())})
+    pre = preprocessor(batch)
+    assert pre.column("id").to_pylist() == ids
+    out = worker(pre)
+    assert out.schema == output_schema("id", pa.string())
+    rows = {r["id"]: r for r in out.to_pylist()}
+    assert list(rows) == ids
+    for bad in ("corrupt", "empty", "huge", "truncated", "none"):
+        assert rows[bad]["status"] == "error" and rows[bad]["caption"] is None
+        assert rows[bad]["error"] and "\n" not in rows[bad]["error"]
+    assert "pixel limit" in rows["huge"]["error"] and "empty" in rows["empty"]["error"]
+    ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images, prompts), MAX_NEW)
+    assert set(ref) == {f"r{i}" for i in range(6)}
+    for key, caption in ref.items():
+        row = rows[key]
+        assert row["status"] == "ok" and row["error"] is None
+        assert row["caption"] == caption, key
+        assert row["new_tokens"] == 1 + sum(row["accepted_lengths"])
+        assert row["target_forwards"] >= 1 and row["decode_s"] > 0
+    assert worker.rows_decoded == 6
+
+
+def test_worker_all_error_batch_decodes_nothing(preprocessor, worker):
+    batch = pa.table({"id": ["a", "b"], "image": pa.array([b"", corrupt_bytes()], pa.binary()),
+                      "prompt": pa.array([None, None], pa.string())})
+    before = worker.rows_decoded
+    out = worker(preprocessor(batch))
+    assert out.column("status").to_pylist() == ["error", "error"]
+    assert worker.rows_decoded == before
+
+
+def test_integer_ids_keep_their_type(tiny_pair):
+    pre = Preprocessor(tiny_pair[0], id_column="key", image_column="img")
+    out = pre(pa.table({"key": pa.array([5, 9], pa.int64()), "img": pa.array([png_bytes(1), b""])}))
+    assert out.column("key").type == pa.int64() and out.column("status").to_pylist() == ["ok", "error"]

@@ -1,0 +1,138 @@
+"""CPU stage: image bytes (or URI) + prompt → input_ids and pixel_values, one row per input row.
+
+A plain callable on pyarrow batches (Ray Data `map_batches(..., batch_format="pyarrow")`), so
+it is tested without Ray. A row whose image cannot be used (empty, undecodable, truncated,
+over the byte/pixel/aspect limits, missing URI) becomes status="error" with a one-line reason;
+nothing here raises for bad data. Rows are not padded: the worker pads its own batch.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline import storage
+from pipeline.schema import STATUS_ERROR, STATUS_OK, one_line, preprocessed_schema
+
+DEFAULT_PROMPT = "Describe this image in one sentence."
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000  # ~6300x6300; Pillow's own bomb limit is 89M
+DEFAULT_MAX_ASPECT = 50.0  # beyond this, shortest-edge resizing makes absurdly long images
+
+
+class ImageRejected(ValueError):
+    """The row's image cannot be used; the message goes to the `error` column."""
+
+
+def decode_image(data: bytes | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT) -> Image.Image:
+    """Decode and validate one image; returns a fully loaded RGB image or raises.
+
+    The pixel limit is checked from the header, before any pixel data is decoded.
+    """
+    if data is None or len(data) == 0:
+        raise ImageRejected("empty image")
+    if len(data) > max_bytes:
+        raise ImageRejected(f"image is {len(data)} bytes, over the {max_bytes}-byte limit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageRejected(f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageRejected(f"image is {width}x{height}, over the {max_pixels}-pixel limit")
+        if max(width, height) / min(width, height) > max_aspect:
+            raise ImageRejected(f"image is {width}x{height}, aspect ratio over {max_aspect:g}")
+        image.load()  # truncated/corrupt pixel data fails here, not later in the processor
+    return image.convert("RGB")
+
+
+class Preprocessor:
+    """Decode images and run the target's processor.
+
+    Args:
+        target: local dir or s3:// prefix of the target checkpoint (its processor is used).
+        id_column: kept unchanged in the output.
+        image_column / image_uri_column: exactly one: bytes in the row, or a URI to fetch.
+        prompt: used when the row has no `prompt_column` value.
+        prompt_column: optional per-row prompt column name (None: always `prompt`).
+        s3_endpoint: for s3:// URIs and an s3:// target.
+    """
+
+    def __init__(self, target: str, *, id_column: str = "id", image_column: str | None = "image",
+                 image_uri_column: str | None = None, prompt: str = DEFAULT_PROMPT,
+                 prompt_column: str | None = None, s3_endpoint: str | None = None,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float = DEFAULT_MAX_ASPECT):
+        from transformers import AutoProcessor
+
+        if (image_column is None) == (image_uri_column is None):
+            raise ValueError("give exactly one of image_column and image_uri_column")
+        self.id_column = id_column
+        self.image_column = image_column
+        self.image_uri_column = image_uri_column
+        self.prompt = prompt
+        self.prompt_column = prompt_column
+        self.s3_endpoint = s3_endpoint
+        self.limits = dict(max_bytes=max_image_bytes, max_pixels=max_pixels, max_aspect=max_aspect)
+        self.processor = AutoProcessor.from_pretrained(storage.local_copy(target, s3_endpoint))
+        if not getattr(self.processor, "chat_template", None):
+            raise ValueError(f"the target's processor at {target} has no chat template")
+        self._filesystems: dict = {}
+        probe = self.encode(Image.new("RGB", (32, 32)), prompt)
+        self.pixel_shape = tuple(probe[1].shape)  # [C, H, W]
+        self.pixel_size = int(np.prod(self.pixel_shape))
+
+    def render(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [T] int32, pixel_values [C, H, W] float32) for one image and prompt."""
+        out = self.processor(images=[image], text=[self.render(prompt)], return_tensors="np")
+        return out["input_ids"][0].astype(np.int32), out["pixel_values"][0].astype(np.float32)
+
+    def _image_bytes(self, batch: pa.Table, i: int) -> bytes | None:
+        if self.image_column is not None:
+            return batch.column(self.image_column)[i].as_py()
+        uri = batch.column(self.image_uri_column)[i].as_py()
+        if not uri:
+            raise ImageRejected("empty image URI")
+        try:
+            return storage.fetch_bytes(uri, self.s3_endpoint, self.limits["max_bytes"], self._filesystems)
+        except FileNotFoundError as exc:
+            raise ImageRejected(f"missing image object: {uri}") from exc
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        prompts = (batch.column(self.prompt_column).to_pylist() if self.prompt_column
+                   else [None] * n)
+        status, errors, input_ids = [], [], []
+        pixels = np.zeros((n, self.pixel_size), dtype=np.float32)
+        for i in range(n):
+            try:
+                image = decode_image(self._image_bytes(batch, i), **self.limits)
+                ids, pix = self.encode(image, prompts[i] or self.prompt)
+            # A row's image bytes can make Pillow (or the processor) fail in many ways
+            # (OSError, SyntaxError, struct.error, ...): all of them are this row's error.
+            except Exception as exc:  # noqa: BLE001
+                status.append(STATUS_ERROR)
+                errors.append(one_line(exc))
+                input_ids.append([])
+                continue
+            status.append(STATUS_OK)
+            errors.append(None)
+            input_ids.append(ids)
+            pixels[i] = pix.reshape(-1)
+        id_col = batch.column(self.id_column).combine_chunks()
+        schema = preprocessed_schema(self.id_column, id_col.type, self.pixel_size)
+        pixel_col = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), self.pixel_size)
+        return pa.Table.from_arrays(
+            [id_col, pa.array(status), pa.array(errors, pa.string()),
+             pa.array(input_ids, pa.list_(pa.int32())), pixel_col],
+            schema=schema,
+        )
