@@ -41,6 +41,14 @@ class SpeculativeDecoder:
         self.tree = tree or TreeConfig()
         self.shared_vision = shares_vision_tower(target, draft)
         self.drafter = TreeDrafter(draft, self.tree, min(vocab_size(target), vocab_size(draft)))
+        # Optional observer called after every verify step with (tree, acceptance); used by
+        # the tree-budget calibration (budget.py). None in normal use.
+        self.step_observer = None
+
+    def set_tree(self, tree: TreeConfig) -> None:
+        """Use another tree shape from the next call on (e.g. one picked by budget.choose_tree)."""
+        self.tree = tree
+        self.drafter.config = tree
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
@@ -121,6 +129,8 @@ class SpeculativeDecoder:
                 keep_slots[i, : len(path) + 1] = True
             tgt.commit_tail(index, keep_slots)
             t2 = time.perf_counter()
+            if self.step_observer is not None:
+                self.step_observer(tree, acc)
 
             new_pending = []
             n_nodes = tree.num_nodes.tolist()

@@ -63,6 +63,7 @@ class DraftTree:
     scores: Tensor     # [B, N] float, log path probability under the draft; -inf for padding
     valid: Tensor      # [B, N] bool
     ancestors: Tensor  # [B, N, N] bool, ancestors[b, i, j]: node j is node i or one of its ancestors
+    rank: Tensor | None = None  # [B, N] long, position in the pruning priority order (0 = kept first)
 
     @property
     def num_nodes(self) -> Tensor:  # [B]
@@ -150,9 +151,11 @@ def prune_tree(
     key = _priority(masked, chain & valid).gather(1, by_depth)
     order_in = torch.sort(key, dim=-1, descending=True, stable=True).indices
     keep = by_depth.gather(1, order_in)[:, :n]                            # [B, n] candidate index
+    rank = torch.arange(n, device=tokens.device).expand(B, n)
     # Sort kept nodes by depth so parents come first in the verify layout.
     keep_depth = depths.gather(1, keep).masked_fill(~valid.gather(1, keep), 1 << 30)
-    keep = keep.gather(1, torch.sort(keep_depth, dim=-1, stable=True).indices)
+    by_kept_depth = torch.sort(keep_depth, dim=-1, stable=True).indices
+    keep, rank = keep.gather(1, by_kept_depth), rank.gather(1, by_kept_depth)
     kept_valid = valid.gather(1, keep)
     # Re-index parents: position of each candidate within `keep` (or -1).
     position = torch.full((B, C), -1, dtype=torch.long, device=tokens.device)
@@ -169,6 +172,7 @@ def prune_tree(
         scores=masked.gather(1, keep),
         valid=kept_valid,
         ancestors=torch.empty(0),
+        rank=rank,
     )
     tree.ancestors = ancestor_matrix(tree.parents, tree.valid, max_depth)
     return tree
