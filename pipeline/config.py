@@ -1,0 +1,78 @@
+"""`CaptionConfig`: everything a caption run needs, validated when built, stored in `_run.json`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from workers.preprocess import DEFAULT_PROMPT
+
+# Fields that must be equal when a run continues an existing output: changing any of them
+# would mix captions of different inputs, prompts, decoding options or weights in one table.
+IDENTITY_FIELDS = ("input", "id_column", "image_column", "image_uri_column", "prompt",
+                   "max_new_tokens", "temperature", "top_p", "seed")
+
+
+class PipelineError(ValueError):
+    """A problem the user can fix (bad input, duplicate ids, incompatible rerun): one clear line."""
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    input: str
+    output: str
+    target: str
+    draft: str
+    s3_endpoint: str | None = None
+    id_column: str = "id"
+    image_column: str | None = "image"
+    image_uri_column: str | None = None
+    prompt: str = DEFAULT_PROMPT
+    actors_min: int = 1
+    actors_max: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    stage_cpus: float = 1.0          # read, preprocess and write stages (fractions are fine)
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
+    dtype: str = "auto"
+    address: str | None = None       # existing Ray cluster; None = the current or a new local one
+    batch_delay_s: float = 0.0       # test drills only: worker sleeps after each batch
+
+    def __post_init__(self):
+        if self.image_uri_column is not None:
+            object.__setattr__(self, "image_column", None)
+        if not self.image_column and not self.image_uri_column:
+            raise PipelineError("give an image column or an image URI column")
+        if not 1 <= self.actors_min <= self.actors_max:
+            raise PipelineError(f"--actors needs 1 <= MIN <= MAX, got {self.actors_min},{self.actors_max}")
+        for name in ("batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise PipelineError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.stage_cpus <= 0:
+            raise PipelineError("resource amounts must be positive")
+        if self.s3_endpoint and "@" in self.s3_endpoint:
+            raise PipelineError("--s3-endpoint must not contain credentials; use the AWS env/config")
+        from decoding import TreeConfig
+        try:
+            TreeConfig(**self.tree)
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"bad tree option: {exc}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> "CaptionConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def identity(self) -> dict:
+        return {name: getattr(self, name) for name in IDENTITY_FIELDS}

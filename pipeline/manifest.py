@@ -1,0 +1,80 @@
+"""The `_run.json` manifest at the output root: configuration, model hashes, versions, runs, counts.
+
+Written to a temporary name then renamed, so a reader never sees half a file. It never holds
+credentials: only the S3 endpoint URL, which the CLI refuses if it carries user:password.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import posixpath
+import time
+from importlib import metadata
+
+import pyarrow.fs as pafs
+
+from pipeline import storage
+
+MANIFEST_NAME = "_run.json"
+PACKAGES = ("specllava", "torch", "transformers", "ray", "pyarrow", "pillow", "tokenizers", "safetensors")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hash_model_dir(uri: str, s3_endpoint: str | None = None) -> dict:
+    """{"sha256": digest over (relative path, sha256 of content) of every file, "files": n, "bytes": n}.
+
+    Reads every byte (a 7B checkpoint takes tens of seconds); the digest is what a resumed run
+    compares to refuse mixing captions from different weights.
+    """
+    fs, root = storage.resolve(uri, s3_endpoint)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"model directory not found: {uri}")
+    entries = sorted((e for e in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                      if e.type == pafs.FileType.File), key=lambda e: e.path)
+    outer = hashlib.sha256()
+    total = 0
+    for entry in entries:
+        rel = entry.path[len(root):].lstrip("/")
+        if rel.startswith(".") or "/." in rel:
+            continue
+        inner = hashlib.sha256()
+        with fs.open_input_stream(entry.path) as stream:
+            while chunk := stream.read(8 << 20):
+                inner.update(chunk)
+        total += entry.size or 0
+        outer.update(f"{rel}\0{inner.hexdigest()}\n".encode())
+    return {"sha256": outer.hexdigest(), "files": len(entries), "bytes": total}
+
+
+def read_manifest(output: str, s3_endpoint: str | None = None) -> dict | None:
+    fs, root = storage.resolve(output, s3_endpoint)
+    path = posixpath.join(root, MANIFEST_NAME)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode())
+
+
+def write_manifest(output: str, manifest: dict, s3_endpoint: str | None = None) -> None:
+    fs, root = storage.resolve(output, s3_endpoint)
+    fs.create_dir(root, recursive=True)
+    final = posixpath.join(root, MANIFEST_NAME)
+    tmp = posixpath.join(root, f"_run.json.tmp-{time.time_ns()}")
+    with fs.open_output_stream(tmp) as stream:
+        stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+    fs.move(tmp, final)

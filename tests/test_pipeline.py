@@ -1,0 +1,167 @@
+"""End to end on a real S3 API (moto) and a real local Ray: every id exactly once, captions equal
+the target's own greedy captions, bad rows become error rows, bad inputs fail before any work."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from jobs.cli import main as cli
+from pipeline_helpers import (corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
+                              reference_captions, truncated_bytes, write_shard)
+
+MAX_NEW = 8
+# Small stages for a 2-core box shared with other test runs.
+RESOURCES = ["--stage-cpus", "0.25", "--cpus-per-actor", "0.5", "--batch-size", "8",
+             "--max-new-tokens", str(MAX_NEW)]
+
+
+def read_output(fs, output_uri: str) -> pa.Table:
+    root = output_uri.removeprefix("s3://")
+    return pads.dataset(f"{root}/data", filesystem=fs, format="parquet").to_table()
+
+
+def read_manifest(fs, output_uri: str) -> tuple[dict, str]:
+    with fs.open_input_stream(f"{output_uri.removeprefix('s3://')}/_run.json") as stream:
+        text = stream.read().decode()
+    return json.loads(text), text
+
+
+@pytest.fixture(scope="module")
+def e2e_input(s3):
+    """4 shards of 52 good images + bad rows, an empty shard, a shard with extra columns."""
+    fs = s3.filesystem()
+    bucket = s3.make_bucket("e2e")
+    images, prompts = {}, {}
+    bad = {"corrupt": corrupt_bytes(), "empty": b"", "huge": huge_bytes(), "truncated": truncated_bytes(),
+           "null": None}
+    for shard in range(4):
+        ids = [f"s{shard}-{i:03d}" for i in range(52)]
+        for i, key in enumerate(ids):
+            images[key] = png_bytes(1000 * shard + i)
+            if i % 10 == 3:
+                prompts[key] = f"w{3 + i % 7} w{5 + shard}"  # per-row prompts of other lengths
+        bad_ids = [f"s{shard}-{name}" for name in bad]
+        for name, key in zip(bad, bad_ids):
+            images[key] = bad[name]
+        ids += bad_ids
+        write_shard(fs, f"e2e/in/shard-{shard}.parquet", pa.table({
+            "id": ids, "image": pa.array([images[k] for k in ids], pa.binary()),
+            "prompt": pa.array([prompts.get(k) for k in ids], pa.string())}))
+    write_shard(fs, "e2e/in/shard-empty.parquet", pa.table({
+        "id": pa.array([], pa.string()), "image": pa.array([], pa.binary()), "prompt": pa.array([], pa.string())}))
+    extra = [f"x-{i}" for i in range(6)]
+    for i, key in enumerate(extra):
+        images[key] = png_bytes(99_000 + i)
+    write_shard(fs, "e2e/in/shard-extra.parquet", pa.table({
+        "id": extra, "width": list(range(6)), "image": pa.array([images[k] for k in extra], pa.binary()),
+        "source": ["web"] * 6, "prompt": pa.array([None] * 6, pa.string())}))
+    fs.create_dir("e2e/in/_markers")  # ignored: names starting with '_'
+    return bucket, images, prompts
+
+
+def test_end_to_end_exactly_once_and_greedy_exact(s3, ray_address, tiny_pair, e2e_input):
+    from workers.preprocess import Preprocessor
+
+    bucket, images, prompts = e2e_input
+    output = f"{bucket}/out"
+    rc = cli(["caption", "--input", f"{bucket}/in", "--output", output, "--target", tiny_pair[0],
+              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, *RESOURCES])
+    assert rc == 0
+    fs = s3.filesystem()
+    table = read_output(fs, output)
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(images) and len(ids) == len(set(ids)) == 4 * 57 + 6
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for key, row in rows.items():
+        expect_error = any(key.endswith(f"-{name}") for name in ("corrupt", "empty", "huge", "truncated", "null"))
+        assert row["status"] == ("error" if expect_error else "ok"), (key, row["error"])
+        if expect_error:
+            assert row["error"] and "\n" not in row["error"] and row["caption"] is None
+    assert "pixel limit" in rows["s0-huge"]["error"]
+
+    preprocessor = Preprocessor(tiny_pair[0], image_column="image", prompt_column="prompt")
+    good = {k: v for k, v in images.items() if rows[k]["status"] == "ok"}
+    ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, good, prompts), MAX_NEW)
+    assert len(ref) >= 200
+    mismatches = [k for k in ref if rows[k]["caption"] != ref[k]]
+    assert not mismatches, mismatches[:5]
+    for key in ref:
+        assert rows[key]["new_tokens"] == 1 + sum(rows[key]["accepted_lengths"])
+
+    manifest, text = read_manifest(fs, output)
+    assert manifest["status"] == "finished"
+    assert manifest["counts"] == {"input_rows": len(images), "output_rows": len(images),
+                                  "unique_ids": len(images), "ok": len(ref), "error": 20}
+    assert manifest["runs"][-1]["rows"] == len(images)
+    assert len(manifest["models"]["target"]["sha256"]) == 64
+    assert "testing" not in text  # the fake AWS key/secret never reach the manifest
+
+
+def test_uri_column_missing_objects_become_error_rows(s3, ray_address, tiny_pair):
+    from workers.preprocess import Preprocessor
+
+    fs = s3.filesystem()
+    bucket = s3.make_bucket("uris")
+    images = {}
+    uris = {}
+    for i in range(10):
+        key = f"u{i}"
+        images[key] = png_bytes(500 + i)
+        with fs.open_output_stream(f"uris/img/{key}.png") as stream:
+            stream.write(images[key])
+        uris[key] = f"s3://uris/img/{key}.png"
+    uris["gone"] = "s3://uris/img/does-not-exist.png"
+    uris["nobucket"] = "s3://no-such-bucket-here/x.png"
+    write_shard(fs, "uris/in/a.parquet", pa.table({"id": list(uris), "url": list(uris.values())}))
+    output = f"{bucket}/out"
+    rc = cli(["caption", "--input", f"{bucket}/in", "--output", output, "--target", tiny_pair[0],
+              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, "--image-uri-column", "url",
+              "--prompt", "w7 w8", *RESOURCES])
+    assert rc == 0
+    rows = {r["id"]: r for r in read_output(fs, output).to_pylist()}
+    assert sorted(rows) == sorted(uris)
+    assert rows["gone"]["status"] == "error" and "missing image object" in rows["gone"]["error"]
+    assert rows["nobucket"]["status"] == "error"
+    preprocessor = Preprocessor(tiny_pair[0], image_column="image", prompt="w7 w8")
+    ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images), MAX_NEW)
+    assert {k: rows[k]["caption"] for k in ref} == ref
+
+
+def test_duplicate_ids_fail_before_any_work(s3, tiny_pair, capsys):
+    fs = s3.filesystem()
+    bucket = s3.make_bucket("dupes")
+    write_shard(fs, "dupes/in/a.parquet", pa.table({"id": ["a", "b", "c"], "image": [png_bytes(1)] * 3}))
+    write_shard(fs, "dupes/in/b.parquet", pa.table({"id": ["d", "b"], "image": [png_bytes(2)] * 2}))
+    rc = cli(["caption", "--input", f"{bucket}/in", "--output", f"{bucket}/out", "--target", tiny_pair[0],
+              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "1 duplicate ids" in err and "'b'" in err
+    assert not fs.get_file_info(pa.fs.FileSelector("dupes/out", allow_not_found=True))
+
+
+@pytest.mark.parametrize("case", ["no-image-column", "prompt-in-some", "no-shards", "missing-model"])
+def test_bad_inputs_are_clear_user_errors(tmp_path, tiny_pair, case, capsys):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    target = tiny_pair[0]
+    if case == "no-image-column":
+        pq.write_table(pa.table({"id": ["a"], "img": [png_bytes(1)]}), src / "a.parquet")
+    elif case == "prompt-in-some":
+        pq.write_table(pa.table({"id": ["a"], "image": [png_bytes(1)], "prompt": ["w3"]}), src / "a.parquet")
+        pq.write_table(pa.table({"id": ["b"], "image": [png_bytes(2)]}), src / "b.parquet")
+    elif case == "missing-model":
+        pq.write_table(pa.table({"id": ["a"], "image": [png_bytes(1)]}), src / "a.parquet")
+        target = str(tmp_path / "nope")
+    rc = cli(["caption", "--input", str(src), "--output", str(tmp_path / "out"), "--target", target,
+              "--draft", tiny_pair[1]])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("specllava: error:") and err.count("\n") == 0
+    assert {"no-image-column": "no column 'image'", "prompt-in-some": "some shards but not all",
+            "no-shards": "no *.parquet files", "missing-model": "model directory not found"}[case] in err
