@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument("--chart", default="bench.png", help="PNG chart path ('' to skip; default bench.png)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object and nothing else")
     p.add_argument("--quick", action="store_true", help="tiny random pair built in code, 4 images, 12 tokens")
+    p.add_argument("--self-draft", action="store_true", help="use the target as its own draft (tau upper "
+                   "bound: measures the machinery's overhead)")
     p.set_defaults(func=run)
 
 
@@ -172,6 +174,8 @@ def run(args) -> int:
         target, draft = target.to(args.device, parse_dtype(args.dtype)), draft.to(args.device, parse_dtype(args.dtype))
     else:
         target, draft, processor = load_pair(args)
+    if args.self_draft:   # a copy, so forward hooks on the target count the target alone
+        draft = copy.deepcopy(target)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:
