@@ -42,3 +42,16 @@ class RowStats:
 class GenerationResult:
     sequences: list[list[int]]   # new tokens per row, cut after the first EOS (EOS kept)
     stats: list[RowStats]
+
+
+def cut_after_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    """Each row up to and including its first EOS token (the form `GenerationResult.sequences` has)."""
+    out = []
+    for row in rows:
+        cut = []
+        for token in row:
+            cut.append(token)
+            if token in eos:
+                break
+        out.append(cut)
+    return out

@@ -29,6 +29,7 @@ import torch
 from decoding import SpeculativeDecoder, TreeConfig
 from decoding.budget import choose_tree
 from decoding.loading import load_llava, parse_dtype
+from decoding.stats import cut_after_eos
 
 DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "demo-pair"
 METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree")
@@ -112,18 +113,6 @@ class ForwardCounter:
         self.handle.remove()
 
 
-def cut_at_eos(rows, eos: set[int], pad: int | None):
-    out = []
-    for row in rows:
-        cut = []
-        for t in row:
-            cut.append(t)
-            if t in eos:
-                break
-        out.append(cut)
-    return out
-
-
 def run_method(method, target, draft, batches, args, eos, decoders):
     """Returns (sequences, new_tokens, target_forwards, seconds) over all batches."""
     seqs, forwards, t_total = [], 0, 0.0
@@ -139,7 +128,7 @@ def run_method(method, target, draft, batches, args, eos, decoders):
             with torch.no_grad():
                 out = target.generate(**kwargs)[:, ids.shape[1]:].tolist()
             counter.close()
-            rows = cut_at_eos(out, eos, None)
+            rows = cut_after_eos(out, eos)
             forwards += counter.count * len(rows)
         else:
             res = decoders[method].generate(ids, mask, pixels, max_new_tokens=args.max_new_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from decoding.models import image_tokens_per_image
+from decoding.stats import cut_after_eos
 
 
 def random_batch(model, batch: int, lengths: list[int] | None = None, seed: int = 0,
@@ -45,12 +46,4 @@ def target_greedy(model, ids, mask, pixels, max_new_tokens: int, eos: int | list
     with torch.no_grad():
         out = model.generate(**kwargs)[:, ids.shape[1]:].tolist()
     eos_set = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-    result = []
-    for row in out:
-        cut = []
-        for t in row:
-            cut.append(t)
-            if t in eos_set:
-                break
-        result.append(cut)
-    return result
+    return cut_after_eos(out, eos_set)
