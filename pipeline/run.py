@@ -135,6 +135,10 @@ def build_dataset(config: CaptionConfig, scan: InputScan, out_fs, data_path: str
     columns = [config.id_column, image_col] + ([scan.prompt_column] if scan.prompt_column else [])
     ds = ray.data.read_parquet(scan.files, filesystem=scan.fs, num_cpus=config.stage_cpus)
     ds = ds.select_columns(columns)
+    # One block per batch from here to the write: each caption task is one batch and each
+    # write commits one batch, so a kill loses at most the batches in flight (a streaming
+    # map, not an all-to-all repartition, so Ray's checkpointing stays enabled).
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
         Preprocessor, batch_format="pyarrow", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, 2 * config.actors_max)),

@@ -10,6 +10,23 @@ import torch
 from PIL import Image
 
 
+def cli(argv: list[str]) -> int:
+    """`specllava ARGV` in-process, with only this module's subcommands registered (so another
+    subcommand's import problem cannot fail these tests)."""
+    import jobs.cli
+
+    saved = list(jobs.cli.COMMAND_MODULES)
+    jobs.cli.COMMAND_MODULES[:] = ["jobs.caption"]
+    try:
+        return jobs.cli.main(argv)
+    finally:
+        jobs.cli.COMMAND_MODULES[:] = saved
+
+
+CLI_SUBPROCESS = ["-c", "import sys, jobs.cli as c; c.COMMAND_MODULES[:] = ['jobs.caption']; "
+                        "sys.exit(c.main(sys.argv[1:]))"]
+
+
 def png_bytes(seed: int, size: int = 16) -> bytes:
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
