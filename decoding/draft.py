@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVState
+from .lean import supports_lean
 from .models import forward_block
 from .tree import DraftTree, TreeConfig, expand_children, prune_tree, select_frontier
 
@@ -24,10 +25,11 @@ from .tree import DraftTree, TreeConfig, expand_children, prune_tree, select_fro
 class TreeDrafter:
     """Proposes one DraftTree per row from a draft LLaVA and its KVState."""
 
-    def __init__(self, model, config: TreeConfig, vocab_limit: int):
+    def __init__(self, model, config: TreeConfig, vocab_limit: int, lean: bool = True):
         self.model = model
         self.config = config
         self.vocab_limit = vocab_limit   # tokens the target can also emit (drafts never propose others)
+        self.lean = lean and supports_lean(model)   # lean.py forward: same logits, less overhead
 
     def _logprobs(self, logits: Tensor, temperature: float) -> Tensor:
         logits = logits[..., : self.vocab_limit].float()
@@ -46,7 +48,7 @@ class TreeDrafter:
         causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=pending.device))
         vis = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(P, dtype=torch.bool, device=pending.device)
         positions = state.lengths.unsqueeze(1) + ar.unsqueeze(0)
-        logits = forward_block(self.model, state, pending, positions, vis, valid)
+        logits = forward_block(self.model, state, pending, positions, vis, valid, lean=self.lean)
         state.commit_all()
         return logits[torch.arange(B, device=pending.device), pending_len - 1]
 
@@ -97,7 +99,7 @@ class TreeDrafter:
             tokens = torch.cat(pool_tok, 1).gather(1, front)
             # The root sits at lengths - 1 (it was the last pending token); a node at depth j at root + j.
             positions = (state.lengths.unsqueeze(1) + (depth - 2)).expand(B, F)
-            logits = forward_block(self.model, state, tokens, positions, vis, front_valid)
+            logits = forward_block(self.model, state, tokens, positions, vis, front_valid, lean=self.lean)
             forwards += 1
             temp_cand = torch.cat([temp_cand, front.masked_fill(~front_valid, -1)], 1)
             tok, par, score, valid, chain = expand_children(

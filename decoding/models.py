@@ -12,6 +12,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .cache import KVState
 from .errors import InputError, ModelPairError
+from .lean import lean_forward
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 # Draft and target vocabularies may differ by embedding padding (e.g. 32000 vs 32064);
@@ -146,19 +147,23 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
 
 
 def forward_block(model, state: KVState, tokens: Tensor, positions: Tensor, extra_vis: Tensor,
-                  query_valid: Tensor) -> Tensor:
+                  query_valid: Tensor, lean: bool = False) -> Tensor:
     """Forward Q tokens per row over the cache with an explicit visibility pattern.
 
     tokens, positions, query_valid: [B, Q]; extra_vis: [B, Q, S - committed + Q] bool (see
     KVState.attention_mask). Appends Q slots to the cache. Returns logits [B, Q, V].
+    lean=True uses decoding/lean.py instead of the transformers forward (drafts only).
     """
     vmax = model.get_input_embeddings().weight.shape[0]
     tokens = torch.where(tokens < vmax, tokens, torch.zeros_like(tokens))  # padded-vocab ids the model lacks
     mask = state.attention_mask(positions, extra_vis, model_dtype(model))
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=state.cache,
-                use_cache=True)
+    if lean:
+        logits = lean_forward(model, state, tokens, positions, mask)
+    else:
+        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=state.cache,
+                       use_cache=True).logits
     state.appended(positions, query_valid)
-    return out.logits
+    return logits
 
 
 def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> None:

@@ -1,0 +1,62 @@
+"""A lean forward of a LLaVA text model (LLaMA / Mistral / Qwen2) over a KVState, for the draft.
+
+For a small draft on CPU, most of a transformers forward is per-layer Python overhead
+(decorators, output capture, mask preparation, attention dispatch), not arithmetic. This
+forward calls the model's own submodules (embeddings, rotary embedding, projections, norms,
+MLPs, lm_head) directly and uses scaled_dot_product_attention with our mask, so the draft costs
+what its arithmetic costs. It is used for the draft only: draft proposals never affect what is
+accepted, only how much, so losslessness rests on the target, which always runs through
+transformers. tests/test_lean.py checks it matches the transformers forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cache import KVState
+
+LEAN_TEXT_MODELS = ("llama", "mistral", "qwen2")
+
+
+def supports_lean(model) -> bool:
+    text = model.config.text_config
+    lm = model.model.language_model
+    return (text.model_type in LEAN_TEXT_MODELS and hasattr(lm, "rotary_emb") and hasattr(lm, "layers")
+            and all(hasattr(layer.self_attn, "q_proj") for layer in lm.layers))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def lean_forward(model, state: KVState, tokens: Tensor, positions: Tensor, mask: Tensor | dict) -> Tensor:
+    """Logits [B, Q, V] for tokens [B, Q] at positions [B, Q]; appends Q slots to every cache layer.
+
+    mask: [B, 1, Q, S+Q] float (or a dict by layer kind) from KVState.attention_mask.
+    """
+    lm = model.model.language_model
+    kinds = getattr(model.config.text_config, "layer_types", None)
+    h = lm.embed_tokens(tokens)                                             # [B, Q, H]
+    cos, sin = lm.rotary_emb(h, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                           # [B, 1, Q, d]
+    B, Q, _ = h.shape
+    layers = state.cache.layers
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)   # [B, Hq, Q, d]
+        k = attn.k_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)   # [B, Hkv, Q, d]
+        v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache = layers[i]
+        cache.keys = torch.cat([cache.keys, k], dim=2)
+        cache.values = torch.cat([cache.values, v], dim=2)
+        m = mask if isinstance(mask, Tensor) else mask[kinds[i] if kinds else "full_attention"]
+        out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=m, scale=attn.scaling,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(lm.norm(h))
