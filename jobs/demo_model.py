@@ -195,3 +195,35 @@ def evaluate(model, processor, pixel_values: torch.Tensor, truths: list[dict], b
                 per_attribute={k: round(a / max(n, 1), 4) for k, (a, n) in per_attr.items()},
                 images=len(texts), samples=texts[:8],
                 mean_caption_tokens=sum(len(t) for t in token_ids) / max(len(token_ids), 1))
+
+
+def main(argv=None) -> int:
+    """`python -m jobs.demo_model --model DIR --data SHARDS [--images N]`: attribute accuracy of a saved model."""
+    import argparse
+    import json
+    import time
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, use_safetensors=True,
+                                                          dtype=getattr(torch, args.dtype)).eval()
+    table = synthetic.read_rows(args.data, limit=args.images)
+    pixels = encode_images(processor, table.column("image").to_pylist())
+    start = time.time()
+    metrics = evaluate(model, processor, pixels, table.drop_columns(["image"]).to_pylist())
+    metrics.update(seconds=round(time.time() - start, 1), dtype=args.dtype, model=args.model)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,8 +4,10 @@
         --output assets/demo-pair/target --work-dir runs/train_demo --steps 900
 
 Contract
-- Builds the processor and the ~16M-parameter LLaMA target of jobs/demo_model.py, trains every
-  weight (vision tower, projector, language model) with AdamW on caption tokens only.
+- Builds the processor and the ~16M-parameter LLaMA target of jobs/demo_model.py.
+  Stage 1 (--vision-steps): the CLIP tower is pretrained on the scene attributes (see
+  jobs/vision_pretrain.py for why). Stage 2 (--steps): every weight is trained with AdamW on caption
+  tokens only (the tower at --vision-lr-scale of the learning rate).
 - Batches are a pure function of (seed, step), so a run killed at any point and restarted with the
   same arguments resumes from `<work-dir>/checkpoint` (safetensors + JSON) and makes the same model.
 - At the end: greedy captions on held-out images are scored (attribute accuracy), and the model
@@ -41,6 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--vision-steps", type=int, default=2000, help="stage 1: attribute pretraining of the tower")
+    p.add_argument("--vision-lr", type=float, default=1.5e-3)
+    p.add_argument("--vision-batch-size", type=int, default=128)
+    p.add_argument("--vision-lr-scale", type=float, default=0.1,
+                   help="stage 2 learning rate of the vision tower, as a fraction of --lr")
+    p.add_argument("--text-size", default=None, metavar="HIDDEN,LAYERS,INTERMEDIATE,HEADS",
+                   help="override the text model size (e.g. 128,2,384,2 for a fast vision warm-up stage)")
     return p.parse_args(argv)
 
 
@@ -61,6 +70,32 @@ def load_split(processor, path: str, limit: int | None):
     return pixels, truths
 
 
+def pretrain_tower(model, pixels, truths, eval_pixels, eval_truths, args, work: Path) -> dict:
+    """Stage 1 (jobs/vision_pretrain.py), cached in <work-dir>/vision.safetensors + vision.json."""
+    from safetensors.torch import load_file, save_file
+
+    from jobs.vision_pretrain import pretrain_vision
+
+    tower = model.model.vision_tower
+    weights, report = work / "vision.safetensors", work / "vision.json"
+    if weights.exists() and report.exists():
+        tower.load_state_dict(load_file(str(weights)))
+        print(f"vision stage: reused {weights}", flush=True)
+        return json.loads(report.read_text())
+    if args.vision_steps <= 0:
+        return {}
+    start = time.time()
+    result = pretrain_vision(tower, pixels, truths, eval_pixels, eval_truths, steps=args.vision_steps,
+                             batch_size=args.vision_batch_size, lr=args.vision_lr, seed=args.seed,
+                             layer=model.config.vision_feature_layer)
+    result["seconds"] = round(time.time() - start, 1)
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(weights))
+    report.write_text(json.dumps(result))
+    print(f"vision stage: held-out attribute accuracy {result['heldout_accuracy']} ({result['seconds']}s)", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
 
@@ -78,10 +113,19 @@ def main(argv=None) -> int:
     prompts = [demo_model.prompt_ids(processor, p) for p in synthetic.PROMPTS]
     print(f"data: {len(captions)} train / {len(eval_truths)} held-out images ({time.time() - t0:.0f}s)", flush=True)
 
-    model = demo_model.build_model(demo_model.target_config(), seed=args.seed).to(device)
+    if args.text_size:
+        hidden, layers, intermediate, heads = map(int, args.text_size.split(","))
+        config = demo_model.llava_config(hidden=hidden, layers=layers, intermediate=intermediate, heads=heads)
+    else:
+        config = demo_model.target_config()
+    model = demo_model.build_model(config, seed=args.seed).to(device)
     print(f"target: {demo_model.text_parameters(model) / 1e6:.2f}M text parameters, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M in all", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    vision_report = pretrain_tower(model, pixels, truths, eval_pixels, eval_truths, args, work)
+    tower = set(id(p) for p in model.model.vision_tower.parameters())
+    groups = [{"params": [p for p in model.parameters() if id(p) not in tower], "scale": 1.0},
+              {"params": list(model.model.vision_tower.parameters()), "scale": args.vision_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = checkpoint.load(work / "checkpoint", model, optimizer) or {"step": 0, "history": [], "evals": [],
                                                                         "train_seconds": 0.0}
     if state["step"]:
@@ -98,7 +142,7 @@ def main(argv=None) -> int:
         which = torch.randint(len(prompts), (args.batch_size,), generator=g).tolist()
         batch = demo_model.make_batch([prompts[w] for w in which], [captions[i] for i in idx], pixels[idx])
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args) * group["scale"]
         out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                     pixel_values=batch.pixel_values.to(device), labels=batch.labels.to(device))
         out.loss.backward()
@@ -139,7 +183,7 @@ def main(argv=None) -> int:
     processor.save_pretrained(out_dir)
     (out_dir / "train_log.json").write_text(json.dumps(
         {"args": vars(args), "train_seconds": round(state["train_seconds"], 1), "history": state["history"],
-         "evals": state["evals"]}, indent=1))
+         "evals": state["evals"], "vision_stage": vision_report}, indent=1))
     (out_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
     print(f"saved {out_dir} ({args.save_dtype}); trained {state['train_seconds'] / 60:.1f} min", flush=True)
     return 0
