@@ -85,14 +85,6 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
-def _gpus_default() -> float:
-    try:
-        import torch
-        return 1.0 if torch.cuda.is_available() else 0.0
-    except ImportError:
-        return 0.0
-
-
 def run_caption_command(args) -> int:
     from pipeline.config import CaptionConfig, PipelineError
 
@@ -106,7 +98,7 @@ def run_caption_command(args) -> int:
             image_uri_column=args.image_uri_column,
             **({"prompt": args.prompt} if args.prompt else {}),
             actors_min=amin, actors_max=amax,
-            gpus_per_actor=_gpus_default() if args.gpus_per_actor is None else args.gpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor, stage_cpus=args.stage_cpus, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             seed=args.seed, tree=_tree_options(args), dtype=args.dtype, address=args.address,

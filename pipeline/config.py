@@ -28,7 +28,7 @@ class CaptionConfig:
     prompt: str = DEFAULT_PROMPT
     actors_min: int = 1
     actors_max: int = 1
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     stage_cpus: float = 1.0          # read, preprocess and write stages (fractions are fine)
     batch_size: int = 8
@@ -54,7 +54,7 @@ class CaptionConfig:
                 raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise PipelineError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.stage_cpus <= 0:
+        if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor < 0 or self.stage_cpus <= 0:
             raise PipelineError("resource amounts must be positive")
         if self.s3_endpoint and "@" in self.s3_endpoint:
             raise PipelineError("--s3-endpoint must not contain credentials; use the AWS env/config")

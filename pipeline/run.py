@@ -13,6 +13,7 @@ to reject duplicates or nulls — a duplicate would silently break exactly-once.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import time
@@ -238,6 +239,10 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
     mf.write_manifest(config.output, manifest, config.s3_endpoint)
 
     ensure_ray(config.address)
+    if config.gpus_per_actor is None:
+        import ray
+        config = dataclasses.replace(config, gpus_per_actor=1.0 if ray.cluster_resources().get("GPU") else 0.0)
+        run["config"] = manifest["config"] = config.to_dict()
     start = time.perf_counter()
     execute(lambda: build_dataset(config, scan, out_fs, data_path), config, out_fs, data_path, ckpt_path)
     wall = time.perf_counter() - start

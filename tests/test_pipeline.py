@@ -67,7 +67,7 @@ def test_end_to_end_exactly_once_and_greedy_exact(s3, ray_address, tiny_pair, e2
     bucket, images, prompts = e2e_input
     output = f"{bucket}/out"
     rc = cli(["caption", "--input", f"{bucket}/in", "--output", output, "--target", tiny_pair[0],
-              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, *RESOURCES])
+              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, *RESOURCES, "--batch-size", "16"])
     assert rc == 0
     fs = s3.filesystem()
     table = read_output(fs, output)
@@ -99,7 +99,7 @@ def test_end_to_end_exactly_once_and_greedy_exact(s3, ray_address, tiny_pair, e2
     assert "testing" not in text  # the fake AWS key/secret never reach the manifest
 
 
-def test_uri_column_missing_objects_become_error_rows(s3, ray_address, tiny_pair):
+def test_uri_column_missing_objects_then_rerun_is_a_no_op(s3, ray_address, tiny_pair, capsys):
     from workers.preprocess import Preprocessor
 
     fs = s3.filesystem()
@@ -116,10 +116,10 @@ def test_uri_column_missing_objects_become_error_rows(s3, ray_address, tiny_pair
     uris["nobucket"] = "s3://no-such-bucket-here/x.png"
     write_shard(fs, "uris/in/a.parquet", pa.table({"id": list(uris), "url": list(uris.values())}))
     output = f"{bucket}/out"
-    rc = cli(["caption", "--input", f"{bucket}/in", "--output", output, "--target", tiny_pair[0],
-              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, "--image-uri-column", "url",
-              "--prompt", "w7 w8", *RESOURCES])
-    assert rc == 0
+    args = ["caption", "--input", f"{bucket}/in", "--output", output, "--target", tiny_pair[0],
+            "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, "--image-uri-column", "url",
+            "--prompt", "w7 w8", *RESOURCES]
+    assert cli(args) == 0
     rows = {r["id"]: r for r in read_output(fs, output).to_pylist()}
     assert sorted(rows) == sorted(uris)
     assert rows["gone"]["status"] == "error" and "missing image object" in rows["gone"]["error"]
@@ -127,6 +127,15 @@ def test_uri_column_missing_objects_become_error_rows(s3, ray_address, tiny_pair
     preprocessor = Preprocessor(tiny_pair[0], image_column="image", prompt="w7 w8")
     ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images), MAX_NEW)
     assert {k: rows[k]["caption"] for k in ref} == ref
+
+    # The same command again decodes nothing (the checkpoint is kept after success) ...
+    assert cli(args) == 0
+    manifest, _ = read_manifest(fs, output)
+    assert [run["rows"] for run in manifest["runs"]] == [len(uris), 0]
+    assert sorted(read_output(fs, output).column("id").to_pylist()) == sorted(uris)
+    # ... and a different prompt may not continue this output.
+    assert cli([a if a != "w7 w8" else "w9" for a in args]) == 2
+    assert "different prompt" in capsys.readouterr().err
 
 
 def test_duplicate_ids_fail_before_any_work(s3, tiny_pair, capsys):
