@@ -101,3 +101,17 @@ def test_demo_pair_loads_offline_and_captions(monkeypatch):
     assert all(synthetic.parse_caption(s)["shape"] for s in metrics["samples"]), metrics["samples"]
     draft_metrics = demo_model.evaluate(draft, proc, pixels[:4], rows[:4])
     assert draft_metrics["mean_caption_tokens"] > 3  # the draft writes captions of its own too
+
+
+def test_vision_pretraining_reduces_loss(processor):
+    from jobs.vision_pretrain import label_tensor, pretrain_vision
+
+    rows = [synthetic.make_example(2, i) for i in range(48)]
+    pixels = demo_model.encode_images(processor, [r["image"] for r in rows])
+    labels = label_tensor(rows)
+    assert labels.shape == (48, 6) and labels.min() >= 0
+    model = demo_model.build_model(demo_model.llava_config(hidden=32, layers=1, intermediate=64, heads=2))
+    result = pretrain_vision(model.model.vision_tower, pixels, rows, pixels[:16], rows[:16], steps=100,
+                             batch_size=16, lr=2e-3, progress=False)
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+    assert set(result["heldout_accuracy"]) == {"count", "size", "color", "shape", "background", "position"}
