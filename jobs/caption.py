@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--actors", default="1", help="caption actors: N or MIN,MAX (autoscaling)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--stage-cpus", type=float, default=1.0, help="CPUs per read/preprocess/write task or actor")
+    p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

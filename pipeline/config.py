@@ -30,7 +30,7 @@ class CaptionConfig:
     actors_max: int = 1
     gpus_per_actor: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
-    stage_cpus: float = 1.0          # read, preprocess and write stages (fractions are fine)
+    stage_cpus: float = 0.5          # read, preprocess and write stages (fractions are fine)
     batch_size: int = 8
     max_new_tokens: int = 64
     temperature: float = 0.0

@@ -6,7 +6,9 @@
 loop-vs-pipeline: the same CaptionWorker on the same images, (a) in a plain in-process loop
 (Preprocessor then CaptionWorker, batch by batch; model load excluded) and (b) through the
 Ray Data pipeline with one caption actor (local input/output; wall time of the Ray execution,
-actor start and model load included). Reports images/s of both and the ratio.
+actor start and model load included). Reports images/s of both and the ratio, and the
+pipeline's steady state: rows committed after the first output file / time from the first to
+the last output file (startup of Ray workers and model loading excluded).
 
 scale: N rows of (id, 16-byte image) through read → checkpoint filter → passthrough worker
 (no model) → write with Ray Data checkpointing; then the same run again on the finished
@@ -119,11 +121,25 @@ def loop_vs_pipeline(args) -> dict:
                            cpus_per_actor=1.0, stage_cpus=0.25)
     summary = run_caption(config)
     pipe_s = summary["run"]["wall_s"]
+    steady = steady_state(os.path.join(work, "out", "data"))
     shutil.rmtree(work, ignore_errors=True)
     return {"rows": len(ids), "batch_size": args.batch_size, "hidden": args.hidden, "layers": args.layers,
             "loop_s": round(loop_s, 2), "loop_images_per_s": round(len(ids) / loop_s, 2),
             "pipeline_s": pipe_s, "pipeline_images_per_s": round(len(ids) / pipe_s, 2),
-            "ratio": round(loop_s / pipe_s, 3), "status": summary["status"]}
+            "ratio": round(loop_s / pipe_s, 3), "status": summary["status"],
+            "pipeline_steady_images_per_s": steady,
+            "steady_ratio": round(steady / (len(ids) / loop_s), 3) if steady else None}
+
+
+def steady_state(data_dir: str) -> float | None:
+    """Images/s between the first and the last committed output file (startup excluded)."""
+    files = sorted((os.path.getmtime(os.path.join(data_dir, f)), os.path.join(data_dir, f))
+                   for f in os.listdir(data_dir) if f.endswith(".parquet"))
+    if len(files) < 3:
+        return None
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for _, path in files[1:])
+    span = files[-1][0] - files[0][0]
+    return round(rows / span, 2) if span > 0 else None
 
 
 class Passthrough:
