@@ -96,20 +96,26 @@ def list_parquet_files(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.F
     return fs, sorted(files)
 
 
-def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None = None) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None = None,
+               skip_weights: bool = False) -> str:
     """A local directory holding `uri`'s files: the path itself when local, else a cached copy.
 
-    S3 model directories are copied once to `cache_dir` (default ~/.cache/specllava/models)
+    S3 model directories are copied once to `cache_dir` (default $SPECLLAVA_MODEL_CACHE or ~/.cache/specllava/models)
     under a name derived from the URI. The copy is made in a temporary directory and renamed
-    into place, so a copy killed mid-way is never used.
+    into place, so a copy killed mid-way is never used. `skip_weights` copies only the small
+    files (configs, tokenizer, processor), for stages that need the processor only.
     """
     if not is_s3(uri):
         return os.path.abspath(os.path.expanduser(uri))
     import hashlib
     import shutil
 
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "specllava", "models")
-    name = hashlib.sha256(f"{s3_endpoint or ''}|{uri}".encode()).hexdigest()[:16]
+    cache_dir = (cache_dir or os.environ.get("SPECLLAVA_MODEL_CACHE")
+                 or os.path.join(os.path.expanduser("~"), ".cache", "specllava", "models"))
+    name = hashlib.sha256(f"{s3_endpoint or ''}|{uri}|{skip_weights}".encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, name)
     if os.path.isdir(target):
         return target
@@ -117,7 +123,13 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
     tmp = f"{target}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    local = pafs.LocalFileSystem()
+    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = entry.path[len(path):].lstrip("/")
+        if entry.type != pafs.FileType.File or (skip_weights and rel.endswith(WEIGHT_SUFFIXES)):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+        pafs.copy_files(entry.path, os.path.join(tmp, rel), source_filesystem=fs, destination_filesystem=local)
     try:
         os.rename(tmp, target)
     except OSError:  # another process renamed its complete copy first

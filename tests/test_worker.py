@@ -89,3 +89,27 @@ def test_integer_ids_keep_their_type(tiny_pair):
     pre = Preprocessor(tiny_pair[0], id_column="key", image_column="img")
     out = pre(pa.table({"key": pa.array([5, 9], pa.int64()), "img": pa.array([png_bytes(1), b""])}))
     assert out.column("key").type == pa.int64() and out.column("status").to_pylist() == ["ok", "error"]
+
+
+def test_models_from_s3_prefix(s3, tiny_pair, tmp_path, monkeypatch):
+    """s3:// model prefixes are copied to a local cache once; the preprocessor copies no weights."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    from workers.caption import CaptionWorker
+
+    monkeypatch.setenv("SPECLLAVA_MODEL_CACHE", str(tmp_path / "cache"))
+    fs = s3.filesystem()
+    s3.make_bucket("models")
+    for role, path in zip(("target", "draft"), tiny_pair):
+        pafs.copy_files(path, f"models/pair/{role}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pre = Preprocessor("s3://models/pair/target", s3_endpoint=s3.endpoint)
+    worker = CaptionWorker("s3://models/pair/target", "s3://models/pair/draft", s3_endpoint=s3.endpoint,
+                           max_new_tokens=4, torch_threads=1)
+    out = worker(pre(pa.table({"id": ["a"], "image": [png_bytes(3)]})))
+    assert out.column("status").to_pylist() == ["ok"]
+    copies = sorted(os.listdir(tmp_path / "cache"))
+    assert len(copies) == 3  # processor-only copy of the target, full target, full draft
+    weights = [sorted(f for f in os.listdir(tmp_path / "cache" / c) if f.endswith(".safetensors")) for c in copies]
+    assert sorted(len(w) > 0 for w in weights) == [False, True, True]

@@ -79,7 +79,7 @@ class Preprocessor:
         self.prompt_column = prompt_column
         self.s3_endpoint = s3_endpoint
         self.limits = dict(max_bytes=max_image_bytes, max_pixels=max_pixels, max_aspect=max_aspect)
-        self.processor = AutoProcessor.from_pretrained(storage.local_copy(target, s3_endpoint))
+        self.processor = AutoProcessor.from_pretrained(storage.local_copy(target, s3_endpoint, skip_weights=True))
         if not getattr(self.processor, "chat_template", None):
             raise ValueError(f"the target's processor at {target} has no chat template")
         self._filesystems: dict = {}
