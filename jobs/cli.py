@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Modules providing subcommands: each defines add_parser(subparsers) and sets `func` on its parser.
-COMMAND_MODULES: list[str] = ["jobs.make_dataset", "jobs.distill", "jobs.caption", "jobs.bench"]
+COMMAND_MODULES: list[str] = ["jobs.make_dataset", "jobs.distill", "jobs.caption", "jobs.bench", "jobs.demo"]
 
 
 class UserError(Exception):
