@@ -183,8 +183,10 @@ def execute(ds_builder, config: CaptionConfig, out_fs, data_path: str, ckpt_path
 def _run_stats(table: pa.Table, wall_s: float) -> dict:
     status = table.column("status").to_pylist() if table.num_rows else []
     ok = sum(s == "ok" for s in status)
-    new_tokens = pc.sum(table.column("new_tokens")).as_py() or 0 if table.num_rows else 0
-    forwards = pc.sum(table.column("target_forwards")).as_py() or 0 if table.num_rows else 0
+    new_tokens = forwards = 0
+    if ok:
+        new_tokens = pc.sum(table.column("new_tokens")).as_py()
+        forwards = pc.sum(table.column("target_forwards")).as_py()
     steps = forwards - ok  # one prefill forward per ok row; the rest are verify steps
     return {
         "rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "wall_s": round(wall_s, 3),
@@ -253,7 +255,7 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
     everything = _read_columns(out_fs, after, [config.id_column, "status"])
     ids = everything.column(config.id_column)
     unique = pc.count_distinct(ids).as_py() if len(ids) else 0
-    ok_total = pc.sum(pc.equal(everything.column("status"), "ok")).as_py() or 0 if len(ids) else 0
+    ok_total = (pc.sum(pc.equal(everything.column("status"), "ok")).as_py() or 0) if len(ids) else 0
     complete = unique == len(ids) == scan.num_rows
     totals = {"input_rows": scan.num_rows, "output_rows": len(ids), "unique_ids": unique,
               "ok": ok_total, "error": len(ids) - ok_total}

@@ -173,3 +173,14 @@ def test_bad_inputs_are_clear_user_errors(tmp_path, tiny_pair, case, capsys):
     assert err.startswith("specllava: error:") and err.count("\n") == 0
     assert {"no-image-column": "no column 'image'", "prompt-in-some": "some shards but not all",
             "no-shards": "no *.parquet files", "missing-model": "model directory not found"}[case] in err
+
+
+def test_run_stats_mean_accepted_excludes_prefill_token():
+    from pipeline.run import _run_stats
+
+    table = pa.table({"status": ["ok", "error", "ok"], "new_tokens": pa.array([5, None, 9], pa.int32()),
+                      "target_forwards": pa.array([3, None, 4], pa.int32())})
+    stats = _run_stats(table, 2.0)
+    # (5-1 + 9-1) tokens from (3-1 + 4-1) verify steps
+    assert stats["mean_accepted"] == 2.4 and stats["ok"] == 2 and stats["error"] == 1
+    assert stats["images_per_s"] == 1.5 and stats["tokens_per_s"] == 7.0
