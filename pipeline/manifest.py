@@ -44,6 +44,8 @@ def hash_model_dir(uri: str, s3_endpoint: str | None = None) -> dict:
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"model directory not found: {uri}")
+    if fs.get_file_info(posixpath.join(root, "config.json")).type != pafs.FileType.File:
+        raise FileNotFoundError(f"not a model directory (no config.json): {uri}")
     entries = sorted((e for e in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                       if e.type == pafs.FileType.File), key=lambda e: e.path)
     outer = hashlib.sha256()

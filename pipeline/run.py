@@ -246,7 +246,14 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
         config = dataclasses.replace(config, gpus_per_actor=1.0 if ray.cluster_resources().get("GPU") else 0.0)
         run["config"] = manifest["config"] = config.to_dict()
     start = time.perf_counter()
-    execute(lambda: build_dataset(config, scan, out_fs, data_path), config, out_fs, data_path, ckpt_path)
+    try:
+        execute(lambda: build_dataset(config, scan, out_fs, data_path), config, out_fs, data_path, ckpt_path)
+    except BaseException as exc:  # record why in _run.json, then let the caller see the error
+        from pipeline.schema import one_line
+        run.update(finished=mf.now(), status="failed", error=one_line(exc, 1000))
+        manifest.update(status="failed")
+        mf.write_manifest(config.output, manifest, config.s3_endpoint)
+        raise
     wall = time.perf_counter() - start
 
     after = _list_files(out_fs, data_path)

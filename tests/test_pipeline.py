@@ -184,3 +184,24 @@ def test_run_stats_mean_accepted_excludes_prefill_token():
     # (5-1 + 9-1) tokens from (3-1 + 4-1) verify steps
     assert stats["mean_accepted"] == 2.4 and stats["ok"] == 2 and stats["error"] == 1
     assert stats["images_per_s"] == 1.5 and stats["tokens_per_s"] == 7.0
+
+
+def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_address, tiny_pair):
+    """A draft the decoder rejects (another vocabulary) kills every caption actor at start:
+    the command exits non-zero and _run.json says failed, with the reason."""
+    import pyarrow.parquet as pq
+
+    from decoding.testing import make_tiny_llava, make_tiny_processor
+
+    bad_draft = tmp_path / "draft"
+    make_tiny_llava(seed=3, vocab_size=400, num_layers=1).save_pretrained(bad_draft)
+    make_tiny_processor(vocab_size=400).save_pretrained(bad_draft)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [png_bytes(1), png_bytes(2)]}), tmp_path / "in" / "a.parquet")
+    output = tmp_path / "out"
+    with pytest.raises(Exception):
+        cli(["caption", "--input", str(tmp_path / "in"), "--output", str(output), "--target", tiny_pair[0],
+             "--draft", str(bad_draft), *RESOURCES])
+    manifest = json.loads((output / "_run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["runs"][-1]["status"] == "failed"
+    assert manifest["runs"][-1]["error"]
