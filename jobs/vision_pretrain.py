@@ -41,7 +41,7 @@ def features(tower, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor
 
 def pretrain_vision(tower, pixels: torch.Tensor, truths: list[dict], eval_pixels: torch.Tensor,
                     eval_truths: list[dict], *, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3,
-                    seed: int = 0, layer: int = -1, progress: bool = True) -> dict:
+                    seed: int = 0, layer: int = -1, progress: bool = True, log_every: int = 50) -> dict:
     """Train `tower` (a CLIPVisionModel) with linear attribute heads; pixels [N, 3, H, W]."""
     from tqdm import tqdm
 
@@ -67,7 +67,7 @@ def pretrain_vision(tower, pixels: torch.Tensor, truths: list[dict], eval_pixels
         opt.step()
         opt.zero_grad(set_to_none=True)
         window.append(loss.item())
-        if (step + 1) % 50 == 0:
+        if (step + 1) % log_every == 0:
             history.append({"step": step + 1, "loss": round(sum(window) / len(window), 5)})
             window = []
     tower.eval()

@@ -110,8 +110,12 @@ def test_vision_pretraining_reduces_loss(processor):
     pixels = demo_model.encode_images(processor, [r["image"] for r in rows])
     labels = label_tensor(rows)
     assert labels.shape == (48, 6) and labels.min() >= 0
-    model = demo_model.build_model(demo_model.llava_config(hidden=32, layers=1, intermediate=64, heads=2))
-    result = pretrain_vision(model.model.vision_tower, pixels, rows, pixels[:16], rows[:16], steps=100,
-                             batch_size=16, lr=2e-3, progress=False)
+    from transformers import CLIPVisionConfig
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=demo_model.IMAGE_SIZE, patch_size=demo_model.PATCH_SIZE).to_dict()
+    model = demo_model.build_model(demo_model.llava_config(hidden=32, layers=1, intermediate=64, heads=2,
+                                                           vision=vision))
+    result = pretrain_vision(model.model.vision_tower, pixels, rows, pixels[:16], rows[:16], steps=20,
+                             batch_size=16, lr=3e-3, progress=False, log_every=5)
     assert result["history"][-1]["loss"] < result["history"][0]["loss"]
     assert set(result["heldout_accuracy"]) == {"count", "size", "color", "shape", "background", "position"}
