@@ -47,8 +47,11 @@ class BudgetReport:
 
 
 @torch.no_grad()
-def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int = 1, repeats: int = 5) -> dict[int, float]:
-    """Median latency of one forward of n+1 tree tokens (a chain mask) over a cached prefix."""
+def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int = 1, repeats: int = 5,
+                    lean: bool = False) -> dict[int, float]:
+    """Median latency of one forward of n+1 tree tokens (a chain mask) over a cached prefix.
+
+    lean=True times the lean draft forward (decoding/lean.py), as the drafter runs it."""
     device = model_device(model)
     vocab = model.config.image_token_id
     g = torch.Generator().manual_seed(0)
@@ -65,7 +68,7 @@ def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int
         for _ in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
-            forward_block(model, state, tokens, positions, vis, valid)
+            forward_block(model, state, tokens, positions, vis, valid, lean=lean)
             _sync(device)
             times.append(time.perf_counter() - t0)
             state.crop()
@@ -113,7 +116,7 @@ def choose_tree(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_va
     verify = forward_latency(decoder.target, sizes=sorted(set(max_nodes_grid)), batch=batch,
                              prefix_len=input_ids.shape[1])
     draft = forward_latency(decoder.draft, sizes=(decoder.tree.frontier - 1 or 1,), batch=batch,
-                            prefix_len=input_ids.shape[1])
+                            prefix_len=input_ids.shape[1], lean=decoder.drafter.lean)
     draft_s = next(iter(draft.values()))
     tau = calibrate_tau(decoder, input_ids, attention_mask, pixel_values, max_new_tokens, max_nodes_grid, depth_grid)
     predicted = {(n, d): t / (d * draft_s + verify[n]) for (n, d), t in tau.items()}

@@ -119,3 +119,24 @@ def test_vision_pretraining_reduces_loss(processor):
                              batch_size=16, lr=3e-3, progress=False, log_every=5)
     assert result["history"][-1]["loss"] < result["history"][0]["loss"]
     assert set(result["heldout_accuracy"]) == {"count", "size", "color", "shape", "background", "position"}
+
+
+@pytest.mark.skipif(not (DEMO / "draft" / "config.json").exists(), reason="demo pair not built")
+def test_demo_pair_speculative_captions_equal_target_greedy():
+    """Through the decoder, the demo pair's greedy captions are the target's own, token for token (fp32)."""
+    from transformers import AutoProcessor
+
+    from decoding import SpeculativeDecoder
+    from decoding.loading import load_llava
+    from jobs.bench import encode, make_inputs
+    from tests.helpers import target_greedy
+
+    target = load_llava(DEMO / "target", "fp32")
+    draft = load_llava(DEMO / "draft", "fp32")
+    processor = AutoProcessor.from_pretrained(DEMO / "target")
+    text, images = make_inputs(processor, 8)
+    ids, mask, pixels = encode(processor, text, images, "cpu", torch.float32)
+    result = SpeculativeDecoder(target, draft).generate(ids, mask, pixels, max_new_tokens=32)
+    eos = target.generation_config.eos_token_id
+    assert result.sequences == target_greedy(target, ids, mask, pixels, 32, eos)
+    assert sum(st.mean_accepted for st in result.stats) / 8 > 2.0   # the distilled draft is really accepted
