@@ -182,7 +182,7 @@ def _log(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     from jobs import acceptance, checkpoint, demo_model, synthetic
     from jobs.cli import UserError
@@ -197,8 +197,12 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir or f"{args.output.rstrip('/')}-work")
     work.mkdir(parents=True, exist_ok=True)
 
-    target = LlavaForConditionalGeneration.from_pretrained(
-        args.target, use_safetensors=True, dtype=getattr(torch, args.teacher_dtype)).to(device).eval()
+    from decoding import ModelPairError
+    from decoding.loading import load_llava
+    try:   # safetensors only; refuses remote code and pickle-only dirs
+        target = load_llava(args.target, getattr(torch, args.teacher_dtype), device)
+    except ModelPairError as exc:
+        raise UserError(str(exc)) from None
     processor = AutoProcessor.from_pretrained(args.target)
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -16,16 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from decoding.loading import load_llava  # safetensors only; refuses remote code and pickle-only dirs
 from pipeline import storage
 from pipeline.schema import OUTPUT_FIELDS, STATUS_OK, output_schema
-
-
-def load_llava(path: str, device: torch.device, dtype: torch.dtype):
-    """A LlavaForConditionalGeneration from a local dir, in eval mode: safetensors only, no remote code."""
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, dtype=dtype)
-    return model.to(device).eval()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -67,8 +60,8 @@ class CaptionWorker:
         torch_dtype = resolve_dtype(dtype, self.device)
         target_dir = storage.local_copy(target, s3_endpoint)
         draft_dir = storage.local_copy(draft, s3_endpoint)
-        self.target = load_llava(target_dir, self.device, torch_dtype)
-        self.draft = load_llava(draft_dir, self.device, torch_dtype)
+        self.target = load_llava(target_dir, torch_dtype, self.device)
+        self.draft = load_llava(draft_dir, torch_dtype, self.device)
         self.tokenizer = AutoProcessor.from_pretrained(target_dir).tokenizer
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0
