@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,19 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     tmp = directory / ".state.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, directory / "state.json")
+
+
+def save_step(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+              step: int, tick: float) -> float:
+    """Save a training checkpoint at `step`, adding the time since `tick` to state["train_seconds"].
+
+    Returns the new tick (now), so callers time only training between checkpoints.
+    """
+    now = time.time()
+    state["train_seconds"] += now - tick
+    state["step"] = step
+    save(directory, model, optimizer, state)
+    return now
 
 
 def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:

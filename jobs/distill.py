@@ -270,10 +270,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(kl=f"{state['history'][-1]['kl']:.4f}")
             window = []
         if done % args.checkpoint_every == 0 or done == args.steps:
-            state["train_seconds"] += time.time() - tick
-            tick = time.time()
-            state["step"] = done
-            checkpoint.save(work / "checkpoint", draft, optimizer, state)
+            tick = checkpoint.save_step(work / "checkpoint", draft, optimizer, state, done, tick)
     bar.close()
     draft.eval()
 

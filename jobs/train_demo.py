@@ -166,10 +166,7 @@ def main(argv=None) -> int:
             print(f"\nstep {done}: attribute accuracy {metrics['attribute_accuracy']:.3f} on {n} held-out "
                   f"images; e.g. {metrics['samples'][0]!r}", flush=True)
         if done % args.checkpoint_every == 0 or done == args.steps:
-            state["train_seconds"] += time.time() - tick
-            tick = time.time()
-            state["step"] = done
-            checkpoint.save(work / "checkpoint", model, optimizer, state)
+            tick = checkpoint.save_step(work / "checkpoint", model, optimizer, state, done, tick)
     bar.close()
 
     model.eval()
