@@ -31,6 +31,8 @@ from pipeline.config import CaptionConfig, PipelineError
 
 DATA_DIR = "data"
 CHECKPOINT_DIR = "_checkpoint"
+# Fault drills in tests only: caption actors append their pid and batch ids to this local file.
+DRILL_LOG_ENV = "SPECLLAVA_DRILL_LOG"
 
 
 @dataclass
@@ -158,7 +160,8 @@ def build_dataset(config: CaptionConfig, scan: InputScan, out_fs, data_path: str
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
             tree=dict(config.tree), s3_endpoint=config.s3_endpoint, dtype=config.dtype,
             device="cuda" if config.gpus_per_actor > 0 else "cpu", torch_threads=threads,
-            seed=config.seed, batch_delay_s=config.batch_delay_s))
+            seed=config.seed, batch_delay_s=config.batch_delay_s,
+            drill_log=os.environ.get(DRILL_LOG_ENV) or None))
     return ds
 
 

@@ -9,6 +9,8 @@ Model or decoder failures (OOM, bad pair) raise: they are not a property of one 
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict
 
@@ -42,12 +44,16 @@ class CaptionWorker:
         dtype: "auto" (fp16 on cuda, fp32 on cpu), "float32", "float16", "bfloat16".
         torch_threads: intra-op threads on CPU (None: leave torch's default).
         batch_delay_s: sleep after each batch; only for kill/resume drills in tests.
+        drill_log: path of a local file to append one JSON line to per event ("init" once the
+            models are loaded, "start" and "return" per batch, with the actor's pid and the
+            batch's ids); only for fault drills in tests, which read pids and count re-decodes.
     """
 
     def __init__(self, target: str, draft: str, *, id_column: str = "id", max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, tree: dict | None = None,
                  s3_endpoint: str | None = None, device: str = "auto", dtype: str = "auto",
-                 torch_threads: int | None = None, seed: int | None = None, batch_delay_s: float = 0.0):
+                 torch_threads: int | None = None, seed: int | None = None, batch_delay_s: float = 0.0,
+                 drill_log: str | None = None):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -75,7 +81,20 @@ class CaptionWorker:
         if temperature > 0 and seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.batch_delay_s = batch_delay_s
+        self.drill_log = drill_log
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
+        self._drill("init")
+
+    def _drill(self, event: str, ids: list | None = None) -> None:
+        if not self.drill_log:
+            return
+        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), "ids": ids}) + "\n"
+        # One O_APPEND write per line: lines from concurrent actors do not interleave.
+        fd = os.open(self.drill_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
     def options(self) -> dict:
         return dict(tree=asdict(self.tree), max_new_tokens=self.max_new_tokens,
@@ -93,6 +112,8 @@ class CaptionWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        drill_ids = batch.column(self.id_column).to_pylist() if self.drill_log else None
+        self._drill("start", drill_ids)
         status = batch.column("status").to_pylist()
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         columns: dict[str, list] = {f.name: [None] * n for f in OUTPUT_FIELDS}
@@ -128,6 +149,7 @@ class CaptionWorker:
             self.rows_decoded += len(ok)
         if self.batch_delay_s:
             time.sleep(self.batch_delay_s)
+        self._drill("return", drill_ids)
         id_col = batch.column(self.id_column).combine_chunks()
         schema = output_schema(self.id_column, id_col.type)
         arrays = [id_col] + [pa.array(columns[f.name], f.type) for f in OUTPUT_FIELDS]
