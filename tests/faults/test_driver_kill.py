@@ -1,0 +1,85 @@
+"""Fault 2: the driver is SIGKILLed at a chosen step, then `specllava resume` completes the table
+exactly once. tests/test_pipeline_resume.py kills it after some batches committed; these cases
+stop it at the edges:
+
+- read:   while Ray reads an input shard (the proxy parks the read), before any caption starts;
+- decode: while the first caption batch is being decoded, nothing committed yet;
+- write:  after a data file was written but before its checkpoint commit (the proxy parks the
+          rename of OUTPUT/_checkpoint/X.pending.parquet), so the resumed run must delete the
+          orphaned data file instead of keeping it next to the rows it decodes again.
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_commits, checkpoint_files,
+                           committed_ids, data_files, faulty_store, read_manifest, reads_of, start_driver, wait_for,
+                           write_input)
+from pipeline_helpers import cli
+
+__all__ = ["faulty_store"]  # the fixture, imported for pytest
+
+ROWS = 16
+BATCH = 4
+
+
+@pytest.mark.parametrize("step", ["read", "decode", "write"])
+def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_pair, tmp_path, step):
+    store = faulty_store
+    fs = store.filesystem()
+    bucket = store.make_bucket(f"driverkill-{step}")
+    root = f"driverkill-{step}/out"
+    images = write_input(fs, f"driverkill-{step}/in", ROWS, shards=2, seed=41_000)
+    log = DrillLog(str(tmp_path / "drill.jsonl"))
+    argv = caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.3")
+    if step == "write":
+        store.proxy.hold(checkpoint_commits)
+    held_before = store.proxy.held
+    driver = start_driver(argv, drill_log=log.path, log_path=str(tmp_path / "driver.log"))
+    t0 = time.time()
+    try:
+        if step == "read":
+            # _run.json is written after the driver's own input scan: from then on, reads of the
+            # input come from the Ray Data read.
+            wait_for(lambda: fs.get_file_info(f"{root}/_run.json").type.name == "File", 300, "_run.json", driver)
+            store.proxy.hold(reads_of(f"driverkill-{step}/in/"))
+            wait_for(lambda: store.proxy.held > held_before, 300, "a parked read of an input shard", driver)
+            assert not any(e["event"] == "start" for e in log.events()), "a caption started before the read"
+        elif step == "decode":
+            wait_for(log.in_flight, 300, "a caption batch being decoded", driver, every=0.05)
+        else:
+            wait_for(lambda: store.proxy.held > held_before and data_files(fs, root), 300,
+                     "a data file written with its checkpoint commit parked", driver)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    killed_after = time.time() - t0
+    time.sleep(3)  # Ray ends the dead driver's actors and tasks; let anything in flight stop
+    store.proxy.release()  # parked requests are dropped, never forwarded
+    time.sleep(1)
+
+    committed = committed_ids(fs, root)
+    orphans = data_files(fs, root)
+    _, pending = checkpoint_files(fs, root)
+    assert read_manifest(fs, root)["status"] == "running"  # the killed run never recorded an end
+    if step in ("read", "decode"):
+        assert not committed and not orphans, (len(committed), orphans)
+    else:
+        assert not committed and orphans and pending, "the kill must land between data write and commit"
+
+    t1 = time.time()
+    assert cli(["resume", f"{bucket}/out", "--s3-endpoint", store.endpoint]) == 0
+    resume_s = time.time() - t1
+    assert_complete_and_exact(fs, root, images, tiny_pair[0])
+    manifest = read_manifest(fs, root)
+    assert manifest["runs"][-1]["rows"] == ROWS - len(committed)  # resume decoded exactly the rest
+    assert not orphans & data_files(fs, root), "orphaned data files of the killed run were kept"
+    assert not checkpoint_files(fs, root)[1], "pending checkpoints left after the resumed run"
+    print(f"driver kill at {step}: killed after {killed_after:.1f}s (orphaned data files {len(orphans)}, "
+          f"pending checkpoints {len(pending)}); resume {resume_s:.1f}s decoded {manifest['runs'][-1]['rows']} rows")
