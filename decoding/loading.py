@@ -25,23 +25,54 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+# JSON files transformers reads from a model directory; any of them can ask for remote code.
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "processor_config.json",
+                "preprocessor_config.json", "image_processor_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _asks_for_remote_code(data) -> bool:
+    """True when a config (or a sub-config one level down, e.g. text_config) has an auto_map."""
+    if not isinstance(data, dict):
+        return False
+    return "auto_map" in data or any(isinstance(v, dict) and "auto_map" in v for v in data.values())
+
+
+def check_no_remote_code(path: str | Path, where: str | None = None) -> None:
+    """Refuse a directory whose config, tokenizer or processor files name remote code (auto_map).
+
+    `where` names the directory in messages (e.g. the s3:// prefix a local copy came from).
+    """
+    path = Path(path)
+    where = where or str(path)
+    for name in CONFIG_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelPairError(f"{where}/{name} is unreadable: {exc}") from None
+        if _asks_for_remote_code(data):
+            raise ModelPairError(f"{where}: {name} asks for remote code (auto_map); refusing to run code "
+                                 "from a model directory")
+
+
+def check_weight_files(names: list[str], where: str) -> None:
+    """Refuse a file listing with no *.safetensors weights (pickles are never unpickled)."""
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+        hint = f" (found pickle weights {', '.join(pickles)}; convert them to safetensors)" if pickles else ""
+        raise ModelPairError(f"{where}: no *.safetensors weights{hint}")
+
+
 def check_model_dir(path: str | Path) -> Path:
     """Refuse directories that are missing, need remote code, or only hold pickle weights."""
     path = Path(path)
-    config = path / "config.json"
-    if not config.is_file():
+    if not (path / "config.json").is_file():
         raise ModelPairError(f"{path}: not a model directory (no config.json)")
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelPairError(f"{path}/config.json is unreadable: {exc}") from None
-    if "auto_map" in data or any("auto_map" in (v or {}) for v in data.values() if isinstance(v, dict)):
-        raise ModelPairError(f"{path}: config.json asks for remote code (auto_map); refusing to run code "
-                             "from a model directory")
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f" (found pickle weights {', '.join(pickles)}; convert them to safetensors)" if pickles else ""
-        raise ModelPairError(f"{path}: no *.safetensors weights{hint}")
+    check_no_remote_code(path)
+    check_weight_files([p.name for p in path.iterdir()], str(path))
     return path
 
 

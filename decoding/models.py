@@ -53,22 +53,68 @@ def sliding_window(model) -> tuple[int | None, tuple[str, ...] | None]:
     return int(window), None
 
 
-def image_tokens_per_image(model) -> int:
-    vision = model.config.vision_config
+def image_tokens_per_image(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def check_pair_configs(target_config, draft_config) -> None:
+    """Raise ModelPairError when two LlavaConfigs cannot decode together (no weights needed:
+    the pipeline runs this on config.json files before it starts any actor)."""
+    for role, config in (("target", target_config), ("draft", draft_config)):
+        if config.model_type != "llava":
+            raise ModelPairError(f"{role} must be a LlavaForConditionalGeneration, got model_type "
+                                 f"{config.model_type!r}")
+        kind = config.text_config.model_type
+        if kind not in SUPPORTED_TEXT_MODELS:
+            raise ModelPairError(f"{role} text model {kind!r} is not supported; supported: "
+                                 f"{', '.join(SUPPORTED_TEXT_MODELS)}")
+    vt, vd = target_config.text_config.vocab_size, draft_config.text_config.vocab_size
+    if abs(vt - vd) > MAX_VOCAB_PADDING:
+        raise ModelPairError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ by more than "
+                             "embedding padding: the draft must share the target's tokenizer")
+    if target_config.image_token_id != draft_config.image_token_id:
+        raise ModelPairError(f"image token id differs (target {target_config.image_token_id}, draft "
+                             f"{draft_config.image_token_id}): the draft must share the target's tokenizer")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        t, d = getattr(target_config.text_config, name, None), getattr(draft_config.text_config, name, None)
+        if t is not None and d is not None and t != d:
+            raise ModelPairError(f"{name} differs (target {t}, draft {d}): the draft must share the "
+                                 "target's tokenizer")
+    if image_tokens_per_image(target_config) != image_tokens_per_image(draft_config):
+        raise ModelPairError(f"target expands an image to {image_tokens_per_image(target_config)} tokens but "
+                             f"the draft to {image_tokens_per_image(draft_config)}; the draft must use the "
+                             "same vision input shape as the target")
+
+
+def check_tokenizers(target_tokenizer, draft_tokenizer) -> None:
+    """Raise ModelPairError unless both tokenizers map every token, special ones included, to
+    the same id: a draft proposing ids that mean other words to the target accepts nothing
+    useful at best and, with another special-token layout, stops or pads at the wrong place."""
+    tv, dv = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if tv != dv:
+        diff = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: (kv[1], kv[0]))
+        token = diff[0][0]
+        raise ModelPairError(f"the draft's tokenizer differs from the target's ({len(tv)} vs {len(dv)} tokens; "
+                             f"e.g. {token!r} is id {tv.get(token)} in the target, {dv.get(token)} in the "
+                             "draft): the draft must share the target's tokenizer")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        t, d = getattr(target_tokenizer, name, None), getattr(draft_tokenizer, name, None)
+        if t != d:
+            raise ModelPairError(f"special token {name} differs (target {t}, draft {d}): the draft must "
+                                 "share the target's tokenizer")
+    ts, ds = sorted(target_tokenizer.all_special_ids), sorted(draft_tokenizer.all_special_ids)
+    if ts != ds:
+        raise ModelPairError(f"special tokens differ (target ids {ts}, draft ids {ds}): the draft must share "
+                             "the target's tokenizer")
 
 
 def check_pair(target, draft) -> None:
     """Raise ModelPairError when target and draft cannot decode together."""
+    check_pair_configs(target.config, draft.config)
     for role, model in (("target", target), ("draft", draft)):
-        if model.config.model_type != "llava":
-            raise ModelPairError(f"{role} must be a LlavaForConditionalGeneration, got model_type "
-                                 f"{model.config.model_type!r}")
-        kind = text_config(model).model_type
-        if kind not in SUPPORTED_TEXT_MODELS:
-            raise ModelPairError(f"{role} text model {kind!r} is not supported; supported: "
-                                 f"{', '.join(SUPPORTED_TEXT_MODELS)}")
         attn = getattr(text_config(model), "_attn_implementation", None) or "sdpa"
         if attn not in ("sdpa", "eager"):
             raise ModelPairError(f"{role} uses attn_implementation={attn!r}; tree verification needs a "
@@ -82,13 +128,6 @@ def check_pair(target, draft) -> None:
     if abs(vt - vd) > MAX_VOCAB_PADDING:
         raise ModelPairError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ by more than "
                              "embedding padding: the draft must share the target's tokenizer")
-    if target.config.image_token_id != draft.config.image_token_id:
-        raise ModelPairError(f"image token id differs (target {target.config.image_token_id}, draft "
-                             f"{draft.config.image_token_id}): the draft must share the target's tokenizer")
-    if image_tokens_per_image(target) != image_tokens_per_image(draft):
-        raise ModelPairError(f"target expands an image to {image_tokens_per_image(target)} tokens but the "
-                             f"draft to {image_tokens_per_image(draft)}; the draft must use the same "
-                             "vision input shape as the target")
 
 
 def shares_vision_tower(target, draft) -> bool:

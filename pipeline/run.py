@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
+from pipeline import preflight
 from pipeline import storage
 from pipeline.config import CaptionConfig, PipelineError
 
@@ -219,6 +220,7 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
 
     Raises PipelineError for user errors, before any work starts.
     """
+    preflight.check_run(config)  # models safe and paired, output bucket/dir exists: before any reading
     out_fs, root = storage.resolve(config.output, config.s3_endpoint)
     data_path = posixpath.join(root, DATA_DIR)
     ckpt_path = posixpath.join(root, CHECKPOINT_DIR)
@@ -241,6 +243,7 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
     manifest = {"version": 1, "status": "running", "config": config.to_dict(), "models": models,
                 "packages": mf.package_versions(), "input": {"files": len(scan.files), "rows": scan.num_rows},
                 "runs": runs + [run]}
+    preflight.check_output_writable(config.output, config.s3_endpoint)  # a probe, before the first write
     mf.write_manifest(config.output, manifest, config.s3_endpoint)
 
     ensure_ray(config.address)

@@ -88,3 +88,58 @@ def processed_inputs(preprocessor, images: dict, prompts: dict | None = None) ->
         prompt = (prompts or {}).get(key) or preprocessor.prompt
         rows[key] = preprocessor.encode(image, prompt)
     return rows
+
+
+def image_bytes(image: Image.Image, fmt: str, **save_kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid 1-bit side x side PNG of zeros: ~side²/8000 bytes on disk, side² bytes once decoded
+    by Pillow (mode "1" keeps a byte per pixel). Written by hand so building it needs no memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    block = 1000  # rows per compress call: 30000 calls of one row take seconds
+    data = b"".join(packer.compress(row * min(block, side - start)) for start in range(0, side, block))
+    data += packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def hostile_images() -> dict[str, bytes]:
+    """The hostile corpus of issue 6, by name. tests/faults/test_hostile_images.py states what
+    each one must become (an error row with a given reason, or a decoded image)."""
+    rng = np.random.default_rng(6)
+    photo = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    jpeg = image_bytes(photo, "JPEG", quality=90)
+    two_halves = Image.new("RGB", (40, 20), (255, 0, 0))
+    two_halves.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    palette = Image.fromarray(np.repeat(np.array([[0] * 10 + [1] * 10], np.uint8), 20, axis=0), "P")
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, index 1 blue
+    frames = [Image.new("RGB", (24, 24), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    gray16 = Image.fromarray((np.arange(24 * 24, dtype=np.uint32).reshape(24, 24) * 113).astype(np.uint16))
+    return {
+        "jpeg-truncated-header": jpeg[:300],
+        "jpeg-truncated-scan": jpeg[: len(jpeg) * 2 // 3],
+        "zero-bytes": b"",
+        "random-bytes": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n",
+        "cmyk-jpeg": image_bytes(Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG", quality=95),
+        "png-16bit": image_bytes(gray16, "PNG"),
+        "palette-alpha": image_bytes(palette, "PNG", transparency=1),
+        "one-pixel": image_bytes(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
+        "bomb-30000": bomb_png(30000),
+        "exif-rotated": image_bytes(two_halves, "JPEG", quality=95, exif=exif.tobytes()),
+        "animated-gif": image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40,
+                                    loop=0),
+    }

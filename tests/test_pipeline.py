@@ -187,15 +187,18 @@ def test_run_stats_mean_accepted_excludes_prefill_token():
 
 
 def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_address, tiny_pair):
-    """A draft the decoder rejects (another vocabulary) kills every caption actor at start:
-    the command exits non-zero and _run.json says failed, with the reason."""
+    """A draft whose weights cannot be loaded (a truncated safetensors file: the pre-flight checks
+    read configs and tokenizers, never weights) kills every caption actor at start: the command
+    exits non-zero and _run.json says failed, with the reason. (A draft with another vocabulary,
+    used here before, is now refused by pipeline/preflight.py: tests/faults/test_bad_models.py.)"""
+    import shutil
+
     import pyarrow.parquet as pq
 
-    from decoding.testing import make_tiny_llava, make_tiny_processor
-
     bad_draft = tmp_path / "draft"
-    make_tiny_llava(seed=3, vocab_size=400, num_layers=1).save_pretrained(bad_draft)
-    make_tiny_processor(vocab_size=400).save_pretrained(bad_draft)
+    shutil.copytree(tiny_pair[1], bad_draft)
+    weights = bad_draft / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "image": [png_bytes(1), png_bytes(2)]}), tmp_path / "in" / "a.parquet")
     output = tmp_path / "out"

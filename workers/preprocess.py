@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.schema import STATUS_ERROR, STATUS_OK, one_line, preprocessed_schema
@@ -27,11 +27,25 @@ class ImageRejected(ValueError):
     """The row's image cannot be used; the message goes to the `error` column."""
 
 
+# Formats a caption corpus holds. Anything else (EPS, PDF, PSD, ...) is refused before a
+# plugin parses it: EPS would hand the bytes to Ghostscript, a classic remote-code vector.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+Image.init()  # register every plugin once, so Image.open(formats=...) can name WEBP and TIFF
+
+
 def decode_image(data: bytes | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT) -> Image.Image:
-    """Decode and validate one image; returns a fully loaded RGB image or raises.
+    """Decode and validate one image; returns a fully loaded RGB image or raises (ImageRejected
+    with a readable reason for every case a corpus is known to hold).
 
-    The pixel limit is checked from the header, before any pixel data is decoded.
+    - Only ALLOWED_FORMATS are opened; the pixel limit is checked from the header, before any
+      pixel data is decoded, so a decompression bomb costs a header read.
+    - Animations (GIF, APNG, WebP) and multi-page files: the first frame.
+    - The EXIF orientation is applied, so a phone photo stored sideways is captioned upright.
+    - 16-bit grayscale is scaled to 8 bits (not clipped to white); transparency (RGBA, LA,
+      palette with a transparent index) is composited on white, as img2dataset does; CMYK is
+      converted by Pillow's JPEG decoder (Adobe-inverted CMYK included).
     """
     if data is None or len(data) == 0:
         raise ImageRejected("empty image")
@@ -39,7 +53,16 @@ def decode_image(data: bytes | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
         raise ImageRejected(f"image is {len(data)} bytes, over the {max_bytes}-byte limit")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageRejected(f"not a readable image in a supported format ({', '.join(ALLOWED_FORMATS)}); "
+                                f"{len(data)} bytes starting {data[:8].hex()}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # Pillow's own header check (over ~89M pixels) fires before ours can.
+            raise ImageRejected(f"image is over the {max_pixels}-pixel limit (decompression bomb: {exc})") from None
+        except OSError as exc:
+            raise ImageRejected(f"corrupt or truncated image header: {exc}") from None
         width, height = image.size
         if width < 1 or height < 1:
             raise ImageRejected(f"image has no pixels ({width}x{height})")
@@ -47,7 +70,25 @@ def decode_image(data: bytes | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
             raise ImageRejected(f"image is {width}x{height}, over the {max_pixels}-pixel limit")
         if max(width, height) / min(width, height) > max_aspect:
             raise ImageRejected(f"image is {width}x{height}, aspect ratio over {max_aspect:g}")
-        image.load()  # truncated/corrupt pixel data fails here, not later in the processor
+        try:
+            image.load()  # truncated/corrupt pixel data fails here, not later in the processor
+        except OSError as exc:
+            raise ImageRejected(f"corrupt or truncated {image.format} data: {exc}") from None
+    image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode Pillow decodes to; see decode_image for the conventions."""
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        values = np.asarray(image)  # [H, W] uint16, or int32 for "I" (taken as 16-bit data too)
+        if values.dtype.kind == "i":
+            values = np.clip(values, 0, 65535)
+        image = Image.fromarray((values >> 8).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
     return image.convert("RGB")
 
 
