@@ -41,42 +41,72 @@ def _default_model(role: str) -> str:
     return str(path)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("caption", help="caption Parquet shards of images (Ray Data, resumable)",
-                              description=__doc__.split("\n\n")[0])
+def _relocated_demo_model(path: str | None, role: str) -> str | None:
+    """A run that used the demo pair from another copy of the project (a Ray job's working_dir,
+    gone after the job) resumes with this copy's demo pair; the weights hash in _run.json still
+    has to match, so this can never mix models."""
+    if path and "://" not in path and not Path(path).exists() and Path(path).parts[-3:] == \
+            ("assets", "demo-pair", role):
+        return str(DEMO_PAIR / role)
+    return path
+
+
+def add_caption_arguments(p, *, address: bool = True) -> None:
+    """The options of `caption` (shared with `submit`, which runs `caption` as a Ray job)."""
     p.add_argument("--input", required=True, help="Parquet shards: local dir/file or s3://bucket/prefix")
     p.add_argument("--output", required=True, help="output dir or s3:// prefix (data/, _checkpoint/, _run.json)")
     p.add_argument("--target", help="target LLaVA checkpoint dir or s3:// prefix (default: assets/demo-pair/target)")
     p.add_argument("--draft", help="draft LLaVA checkpoint dir or s3:// prefix (default: assets/demo-pair/draft)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    p.add_argument("--id-column", default="id")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
+                   "(credentials come from the usual AWS env/config, never from flags)")
+    p.add_argument("--id-column", default="id", help="unique id column (default: id)")
     images = p.add_mutually_exclusive_group()
     images.add_argument("--image-column", default="image", help="column of image bytes (default: image)")
     images.add_argument("--image-uri-column", help="column of image URIs (s3://... or paths) instead of bytes")
     p.add_argument("--prompt", help="prompt for rows without a 'prompt' column value")
-    p.add_argument("--actors", default="1", help="caption actors: N or MIN,MAX (autoscaling)")
+    p.add_argument("--actors", default="1", help="caption actors: N or MIN,MAX (autoscaling; default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="default 1")
+    p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "
+                   "(default 0.5)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the target's output "
+                   "(default 0)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed per actor (temperature > 0)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--tree-top-k", type=int)
-    p.add_argument("--tree-frontier", type=int)
-    p.add_argument("--tree-depth", type=int)
-    p.add_argument("--tree-nodes", type=int)
-    p.add_argument("--tree-threshold", type=float)
-    p.add_argument("--address", help="existing Ray cluster (default: a local Ray started on demand)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float16 on GPU, float32 on CPU")
+    p.add_argument("--tree-top-k", type=int, help="children per expanded draft node (default 4)")
+    p.add_argument("--tree-frontier", type=int, help="nodes expanded per draft level (default 4)")
+    p.add_argument("--tree-depth", type=int, help="draft levels per step (default 6)")
+    p.add_argument("--tree-nodes", type=int, help="tree size verified per step (default 24)")
+    p.add_argument("--tree-threshold", type=float, help="drop children below this draft probability "
+                   "(default 0.05)")
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines when "
+                   "output is not a terminal (Ray jobs, logs); 0 = none (default 10)")
+    if address:
+        p.add_argument("--address", help="existing Ray cluster ('auto' or HOST:PORT; default: a local Ray "
+                       "started on demand)")
     p.add_argument("--debug-batch-delay", type=float, default=0.0, help=argparse_suppress())
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("caption", help="caption Parquet shards of images (Ray Data, resumable)",
+                              description=__doc__.split("\n\n")[0])
+    add_caption_arguments(p)
     p.set_defaults(func=run_caption_command)
 
     r = subparsers.add_parser("resume", help="continue a caption run from its output's _run.json")
     r.add_argument("output", help="the --output of the run to continue")
     r.add_argument("--s3-endpoint", help="S3-compatible endpoint (default: the one the run used)")
-    r.add_argument("--address", help="existing Ray cluster (default: a local Ray started on demand)")
+    r.add_argument("--address", help="existing Ray cluster for a local resume; with --submit, the Ray "
+                   "dashboard (default http://127.0.0.1:8265)")
+    r.add_argument("--submit", action="store_true", help="resume as a Ray job (like `specllava submit`)")
+    r.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines "
+                   "when output is not a terminal; 0 = none (default 10)")
+    from jobs.submit import add_job_arguments
+    add_job_arguments(r, address=False)
     r.set_defaults(func=run_resume_command)
 
 
@@ -105,13 +135,16 @@ def run_caption_command(args) -> int:
             batch_delay_s=args.debug_batch_delay)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
-    return _run(config)
+    return _run(config, args.progress_every)
 
 
 def run_resume_command(args) -> int:
     from pipeline.config import CaptionConfig, PipelineError
     from pipeline.manifest import read_manifest
 
+    if args.submit:
+        from jobs.submit import submit_resume
+        return submit_resume(args)
     try:
         previous = read_manifest(args.output, args.s3_endpoint)
     except OSError as exc:
@@ -121,18 +154,48 @@ def run_resume_command(args) -> int:
     try:
         # The address is where this resume runs, and test drills' delays are not carried over.
         saved = dict(previous["config"], address=args.address, output=args.output, batch_delay_s=0.0)
+        for role in ("target", "draft"):
+            saved[role] = _relocated_demo_model(saved.get(role), role)
         config = CaptionConfig.from_dict(saved, s3_endpoint=args.s3_endpoint)
     except (PipelineError, TypeError) as exc:
         raise UserError(f"cannot resume from {args.output}/_run.json: {exc}") from None
-    return _run(config)
+    return _run(config, args.progress_every)
 
 
-def _run(config) -> int:
+class Stopped(Exception):
+    """Raised in the driver on SIGTERM (`specllava stop`, `ray job stop`) so the run is recorded."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped("stopped by SIGTERM (specllava stop / ray job stop); `specllava resume` continues it")
+
+
+def _run(config, progress_every: float = 10.0) -> int:
+    import signal
+    import sys
+    import threading
+
     from pipeline.config import PipelineError
+    from pipeline.progress import CheckpointProgress
     from pipeline.run import run_caption
 
+    if not sys.stdout.isatty():
+        # Logs and Ray jobs get one progress line every `progress_every` s instead of Ray Data's bars.
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    else:
+        progress_every = 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        summary = run_caption(config)
+        with CheckpointProgress(config.output, config.s3_endpoint, every_s=progress_every):
+            summary = run_caption(config)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
+    except Stopped as exc:
+        print(f"specllava: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0 if summary["status"] == "finished" else 1

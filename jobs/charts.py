@@ -65,6 +65,29 @@ def line_chart(panels: list[tuple], path: str | Path, width: int = 460, height: 
     image.save(path)
 
 
+def bar_chart(counts: dict, path: str | Path, title: str = "", x_label: str = "", y_label: str = "",
+              width: int = 520, height: int = 320) -> None:
+    """One bar per key of `counts` (sorted), heights labelled; writes a PNG to `path`."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, 15, 30, 40
+    draw.text((left, 8), title, fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    keys = sorted(counts)
+    peak = max(counts.values(), default=0) or 1
+    slot = (width - left - right) / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        x0 = left + i * slot + slot * 0.15
+        x1 = left + (i + 1) * slot - slot * 0.15
+        y = top + (1 - counts[key] / peak) * (height - top - bottom)
+        draw.rectangle([x0, y, x1, height - bottom], fill=PALETTE[0])
+        draw.text(((x0 + x1) / 2 - 6, height - bottom + 6), str(key), fill="black")
+        draw.text((x0, max(top + 2, y - 13)), str(counts[key]), fill="black")
+    draw.text((width // 2 - 40, height - 16), x_label, fill="black")
+    draw.text((4, top - 14), y_label, fill="black")
+    image.save(path)
+
+
 def demo_pair_chart(root: str | Path) -> Path:
     """Training curves of assets/demo-pair: target loss, held-out accuracy, draft KL."""
     root = Path(root)

@@ -60,10 +60,12 @@ def run(args) -> int:
                                   "table": summary["counts"]}))
     print(f"""
 next:
-  specllava bench                                  # speed vs target greedy and HF assisted generation
-  specllava caption --input {data} --output /tmp/more   # the pipeline on your own shards (s3:// works too)
-  specllava resume {output}                        # resume an interrupted run from its _run.json
-  python -c "import pyarrow.dataset as d; print(d.dataset('{output}/data').to_table().to_pandas().head())"
+  specllava stats {output} --plot accepted.png
+  specllava query {output} "SELECT id, caption, mean_accepted FROM captions ORDER BY id LIMIT 5"
+  specllava resume {output}      # continue an interrupted run from its _run.json
+  specllava caption --input {data} --output /tmp/more   # the pipeline on your shards (s3:// too)
+  specllava bench                # speed vs target greedy and HF assisted generation
+  ray start --head --num-cpus 4 && specllava submit --input {data} --output /tmp/job-out   # as a Ray job
 """)
     return 0 if summary["status"] == "finished" else 1
 
@@ -75,5 +77,6 @@ def show_captions(data: Path, output: Path, n: int) -> None:
     rows = ds.dataset(str(output / "data"), format="parquet").to_table(
         columns=["id", "caption", "status", "mean_accepted"]).to_pylist()
     for row in sorted(rows, key=lambda r: r["id"])[:n]:
-        print(f"  {row['id']}: {refs.get(row['id'], '?')} | {row['caption'] if row['status'] == 'ok' else row['status']}"
-              f"  (tau {row['mean_accepted']:.2f})")
+        got = row["caption"] if row["status"] == "ok" else f"[{row['status']}]"
+        tau = f"  (tau {row['mean_accepted']:.2f})" if row["mean_accepted"] is not None else ""
+        print(f"  {row['id']}: {refs.get(row['id'], '?')} | {got}{tau}")

@@ -1,0 +1,167 @@
+"""`specllava query` / `stats` over a hand-built output table, and `--config FILE.yaml` for every
+subcommand (keys = option names, flags win, clear errors)."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.cli import build_parser, main, subcommands
+from pipeline.schema import output_schema
+
+ROWS = [  # id, caption, status, error, new_tokens, target_forwards, accepted_lengths
+    ("a", "a red circle", "ok", None, 7, 3, [3, 3]),
+    ("b", "two blue squares", "ok", None, 9, 5, [2, 2, 2, 2]),
+    ("c", None, "error", "UnidentifiedImageError: cannot identify image file", None, None, None),
+    ("d", "a green, tall triangle", "ok", None, 4, 4, [1, 1, 1]),
+]
+
+
+@pytest.fixture()
+def output(tmp_path):
+    schema = output_schema()
+    cols = {name: [] for name in schema.names}
+    for key, caption, status, error, new, fwd, acc in ROWS:
+        row = dict(id=key, caption=caption, status=status, error=error, new_tokens=new, target_forwards=fwd,
+                   mean_accepted=None if acc is None else sum(acc) / len(acc), accepted_lengths=acc,
+                   draft_tokens=None, tree_nodes_mean=None, decode_s=None)
+        for name in schema.names:
+            cols[name].append(row[name])
+    (tmp_path / "data").mkdir()
+    table = pa.Table.from_pydict(cols, schema=schema)
+    pq.write_table(table.slice(0, 2), tmp_path / "data" / "part-0.parquet")
+    pq.write_table(table.slice(2), tmp_path / "data" / "part-1.parquet")
+    (tmp_path / "_checkpoint").mkdir()  # names starting with '_' are not part of the table
+    pq.write_table(pa.table({"id": ["zzz"]}), tmp_path / "_checkpoint" / "x.parquet")
+    manifest = {"status": "finished", "input": {"rows": 4},
+                "runs": [{"rows": 4, "new_tokens": 20, "wall_s": 2.0}, {"status": "failed"}]}
+    (tmp_path / "_run.json").write_text(json.dumps(manifest))
+    return str(tmp_path)
+
+
+def test_query_formats(output, capsys):
+    sql = "SELECT id, status FROM captions ORDER BY id"
+    assert main(["query", output, sql, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"id": k, "status": s} for k, _, s, *_ in ROWS]
+    assert main(["query", output, sql, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ['"id","status"', '"a","ok"', '"b","ok"', '"c","error"',
+                                                    '"d","ok"']
+    assert main(["query", output, "SELECT status, count(*) AS n FROM captions GROUP BY status ORDER BY n"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["status", "n"] and out[2].split() == ["error", "1"] and out[3].split() == ["ok", "3"]
+    assert out[-1] == "(2 rows)"
+    assert main(["query", output, "SELECT caption FROM captions WHERE id = 'b'", "--max-width", "5",
+                 "--format", "table"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "two …"
+    assert main(["query", output, "SELECT id, accepted_lengths FROM captions WHERE id='a'", "--format", "jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"id": "a", "accepted_lengths": [3, 3]}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["query", "{missing}", "SELECT 1"], "has no output table"),
+    (["query", "{output}", "SELEC oops"], "SQL error"),
+    (["query", "{output}", "SELECT nope FROM captions"], "SQL error"),
+    (["stats", "{missing}"], "has no output table"),
+])
+def test_query_errors_are_one_line(output, tmp_path, capsys, argv, message):
+    argv = [a.format(output=output, missing=str(tmp_path / "nothing-here")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_stats_numbers_and_plot(output, tmp_path, capsys):
+    plot = tmp_path / "acc.png"
+    assert main(["stats", output, "--json", "--plot", str(plot)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows"], stats["unique_ids"], stats["ok"], stats["error"]) == (4, 4, 3, 1)
+    # (new tokens - one prefill token per ok row) / (target forwards - one prefill per ok row)
+    assert stats["mean_accepted"] == round((20 - 3) / (12 - 3), 4)
+    assert stats["accepted_histogram"] == {"1": 3, "2": 4, "3": 2}
+    lengths = [len(c) for _, c, s, *_ in ROWS if s == "ok"]
+    assert stats["caption_chars_mean"] == round(sum(lengths) / 3, 2)
+    assert stats["caption_chars_median"] == sorted(lengths)[1]
+    assert stats["tokens_per_s"] == 10.0 and stats["images_per_s"] == 2.0 and stats["runs"] == 2
+    assert stats["top_errors"] == [{"error": ROWS[2][3], "rows": 1}]
+    with Image.open(plot) as image:
+        assert image.size[0] > 100 and image.format == "PNG"
+    assert main(["stats", output]) == 0
+    text = capsys.readouterr().out
+    assert "4 of 4 input rows (complete): 3 ok, 1 error" in text and "mean accepted   1.8889" in text
+
+
+# --- --config FILE.yaml ------------------------------------------------------------------------
+
+def test_every_subcommand_takes_config():
+    for name, sub in subcommands(build_parser()).items():
+        assert any("--config" in a.option_strings for a in sub._actions), name
+
+
+def _demo_args(monkeypatch, argv):
+    """Parse `argv` through main() but stop at the command's function, returning its args."""
+    seen = {}
+    import jobs.demo
+    monkeypatch.setattr(jobs.demo, "run", lambda args: seen.setdefault("args", args) and 0)
+    parser_main = main(argv)
+    return parser_main, seen.get("args")
+
+
+def test_config_values_are_defaults_and_flags_win(tmp_path, monkeypatch):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("num-images: 12\nbatch_size: 3\nmax-new-tokens: 5\nworkdir: /tmp/x\n")
+    code, args = _demo_args(monkeypatch, ["demo", "--config", str(cfg), "--batch-size", "4"])
+    assert code == 0
+    assert (args.num_images, args.batch_size, args.max_new_tokens, args.workdir) == (12, 4, 5, "/tmp/x")
+
+
+def test_config_can_give_required_options(tmp_path):
+    from jobs.cli import apply_config
+    cfg = tmp_path / "submit.yaml"
+    cfg.write_text("input: s3://in/shards\noutput: s3://out/captions\nbatch-size: 16\ntree-depth: 5\n"
+                   "address: http://127.0.0.1:1\nwait: true\n")
+    parser = build_parser()
+    argv = ["submit", "--config", str(cfg), "--output", "s3://out/other"]
+    apply_config(parser, argv)
+    args = parser.parse_args(argv)
+    assert (args.input, args.output, args.batch_size, args.tree_depth, args.wait) == \
+        ("s3://in/shards", "s3://out/other", 16, 5, True)
+    with pytest.raises(SystemExit):  # without the file, --input is still required
+        build_parser().parse_args(["submit", "--output", "x"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("num-imagez: 3\n", "unknown key 'num-imagez'"),
+    ("num-images: lots\n", "num-images: invalid value 'lots'"),
+    ("[1, 2\n", "is not valid YAML"),
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("show: [1, 2]\n", "takes a single value"),
+])
+def test_bad_config_is_one_line(tmp_path, capsys, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert main(["demo", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["query", "x", "SELECT 1", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read --config" in capsys.readouterr().err
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+    from jobs.cli import apply_config
+    examples = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs", "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        command = path.stem.split("-")[0]
+        parser = build_parser()
+        positional = {"query": ["out", "SELECT 1"], "stats": ["out"], "resume": ["out"]}.get(command, [])
+        argv = [command, *positional, "--config", str(path)]
+        apply_config(parser, argv)
+        parser.parse_args(argv)  # raises SystemExit on a missing required option
