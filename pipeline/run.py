@@ -215,6 +215,17 @@ def check_compatible(previous: dict | None, config: CaptionConfig, models: dict)
                             "use a new --output (or the same options to continue it)")
 
 
+def _record_failure(config: CaptionConfig, manifest: dict, run: dict, exc: BaseException, log) -> None:
+    from pipeline.schema import one_line
+
+    run.update(finished=mf.now(), status="failed", error=one_line(exc, 1000))
+    manifest.update(status="failed")
+    try:
+        mf.write_manifest(config.output, manifest, config.s3_endpoint)
+    except OSError as write_exc:  # the store itself is failing; the caller still gets `exc`
+        log(f"specllava caption: could not record the failure in _run.json: {one_line(write_exc, 300)}")
+
+
 def run_caption(config: CaptionConfig, log=print) -> dict:
     """Caption every input row not yet in the output; returns the summary (also in _run.json).
 
@@ -254,27 +265,25 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
     start = time.perf_counter()
     try:
         execute(lambda: build_dataset(config, scan, out_fs, data_path), config, out_fs, data_path, ckpt_path)
-    except BaseException as exc:  # record why in _run.json, then let the caller see the error
-        from pipeline.schema import one_line
-        run.update(finished=mf.now(), status="failed", error=one_line(exc, 1000))
-        manifest.update(status="failed")
+        wall = time.perf_counter() - start
+        # The check below reads the store too: a failure there (e.g. the store away for longer
+        # than the retries) is recorded like a failed execution, never left as "running".
+        after = _list_files(out_fs, data_path)
+        new = _read_columns(out_fs, after - before, ["status", "new_tokens", "target_forwards"])
+        this_run = _run_stats(new, wall)
+        everything = _read_columns(out_fs, after, [config.id_column, "status"])
+        ids = everything.column(config.id_column)
+        unique = pc.count_distinct(ids).as_py() if len(ids) else 0
+        ok_total = (pc.sum(pc.equal(everything.column("status"), "ok")).as_py() or 0) if len(ids) else 0
+        complete = unique == len(ids) == scan.num_rows
+        totals = {"input_rows": scan.num_rows, "output_rows": len(ids), "unique_ids": unique,
+                  "ok": ok_total, "error": len(ids) - ok_total}
+        run.update(finished=mf.now(), status="finished" if complete else "incomplete", **this_run)
+        manifest.update(status=run["status"], counts=totals, finished=run["finished"])
         mf.write_manifest(config.output, manifest, config.s3_endpoint)
+    except BaseException as exc:  # record why in _run.json, then let the caller see the error
+        _record_failure(config, manifest, run, exc, log)
         raise
-    wall = time.perf_counter() - start
-
-    after = _list_files(out_fs, data_path)
-    new = _read_columns(out_fs, after - before, ["status", "new_tokens", "target_forwards"])
-    this_run = _run_stats(new, wall)
-    everything = _read_columns(out_fs, after, [config.id_column, "status"])
-    ids = everything.column(config.id_column)
-    unique = pc.count_distinct(ids).as_py() if len(ids) else 0
-    ok_total = (pc.sum(pc.equal(everything.column("status"), "ok")).as_py() or 0) if len(ids) else 0
-    complete = unique == len(ids) == scan.num_rows
-    totals = {"input_rows": scan.num_rows, "output_rows": len(ids), "unique_ids": unique,
-              "ok": ok_total, "error": len(ids) - ok_total}
-    run.update(finished=mf.now(), status="finished" if complete else "incomplete", **this_run)
-    manifest.update(status=run["status"], counts=totals, finished=run["finished"])
-    mf.write_manifest(config.output, manifest, config.s3_endpoint)
     log(f"specllava caption: {this_run['rows']} rows decoded this run ({this_run['ok']} ok, "
         f"{this_run['error']} error) in {wall:.1f}s: {this_run['images_per_s'] or 0:.2f} images/s, "
         f"{this_run['tokens_per_s'] or 0:.1f} tokens/s, mean accepted length "

@@ -2,6 +2,13 @@
 
 pyarrow's native S3FileSystem reads Parquet much faster than s3fs wrapped by Ray. Credentials
 come from the usual AWS environment/config chain and are never logged or stored.
+
+Retries: every client made here retries a failed request S3_MAX_ATTEMPTS times in all, with the
+AWS SDK's standard jittered exponential backoff (a store that is away for a few seconds is ridden
+out; an unreachable endpoint fails after ~5-30 s instead of ~2 s). pyarrow does not pickle the
+retry strategy, so a filesystem shipped to Ray tasks falls back to pyarrow's 3 attempts there;
+Ray Data's read, write and checkpoint tasks retry on top (DataContext.retried_io_errors, 10
+attempts, 1..32 s backoff), see docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ import os
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+S3_MAX_ATTEMPTS = 5
 
 
 def is_s3(uri: str) -> bool:
@@ -26,6 +35,7 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
         kwargs["scheme"] = parsed.scheme
         kwargs["allow_bucket_creation"] = True
     kwargs["region"] = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -1,0 +1,74 @@
+"""Fault 3: the object store goes away for several seconds mid-run (its port refuses connections,
+open connections are cut) and comes back with its state. The pipeline retries with backoff and
+finishes, or fails cleanly (exit non-zero, _run.json status failed) and `specllava resume`
+completes it. Either way: every id exactly once, greedy-exact captions.
+
+Runs on its own moto server behind a proxy (fault_helpers.faulty_store), so the session's `s3`
+server is never disturbed."""
+from __future__ import annotations
+
+import threading
+import time
+
+from fault_helpers import (assert_complete_and_exact, caption_argv, committed_ids, faulty_store, read_manifest,
+                           wait_for, write_input)
+from pipeline_helpers import cli
+
+__all__ = ["faulty_store"]  # the fixture, imported for pytest
+
+ROWS = 40
+BATCH = 4
+OUTAGE_S = 8.0
+
+
+def test_store_outage_mid_run_then_finish_or_resume(faulty_store, ray_address, tiny_pair):
+    store = faulty_store
+    fs = store.filesystem()
+    bucket = store.make_bucket("outage")
+    root = "outage/out"
+    images = write_input(fs, "outage/in", ROWS, shards=2, seed=51_000)
+    seen: dict = {}
+
+    def outage():
+        try:
+            wait_for(lambda: len(committed_ids(fs, root)) >= 2 * BATCH, 600, "two committed batches")
+            seen["committed_at_stop"] = len(committed_ids(fs, root))
+            store.proxy.stop()
+            seen["stopped"] = time.time()
+            time.sleep(OUTAGE_S)
+            seen["committed_at_start"] = len(committed_ids(fs, root))
+            store.proxy.start()
+            seen["started"] = time.time()
+        except BaseException as exc:  # reported by the main thread
+            seen["error"] = repr(exc)
+            if "stopped" in seen and "started" not in seen:
+                store.proxy.start()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    t0 = time.time()
+    try:
+        rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.3"))
+        outcome = "finished" if rc == 0 else f"exit {rc}"
+    except Exception as exc:  # noqa: BLE001 - a failed execution propagates; _run.json must say why
+        rc, outcome = None, f"raised {type(exc).__name__}"
+    first_run_s = time.time() - t0
+    thread.join(timeout=OUTAGE_S + 30)
+    assert "error" not in seen, seen["error"]
+    assert "started" in seen, "the outage never happened"
+    # The outage landed mid-run and the store really was gone: nothing committed while it was down.
+    assert seen["committed_at_stop"] < ROWS
+    assert seen["committed_at_start"] == seen["committed_at_stop"]
+
+    manifest = read_manifest(fs, root)
+    resumed = False
+    if rc != 0:
+        assert manifest["status"] == "failed" and manifest["runs"][-1]["error"], manifest["runs"][-1]
+        assert "\n" not in manifest["runs"][-1]["error"] and "testing" not in str(manifest)
+        assert cli(["resume", f"{bucket}/out", "--s3-endpoint", store.endpoint]) == 0
+        resumed = True
+    else:
+        assert t0 + first_run_s > seen["started"], "the run finished before the store came back"
+    assert_complete_and_exact(fs, root, images, tiny_pair[0])
+    print(f"store outage {OUTAGE_S:.0f}s after {seen['committed_at_stop']}/{ROWS} rows committed: first run "
+          f"{outcome} in {first_run_s:.1f}s; resumed: {resumed}")
