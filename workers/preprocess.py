@@ -2,8 +2,9 @@
 
 A plain callable on pyarrow batches (Ray Data `map_batches(..., batch_format="pyarrow")`), so
 it is tested without Ray. A row whose image cannot be used (empty, undecodable, truncated,
-over the byte/pixel/aspect limits, missing URI) becomes status="error" with a one-line reason;
-nothing here raises for bad data. Rows are not padded: the worker pads its own batch.
+not an allowed format, over the byte/pixel/aspect limits, missing URI) becomes status="error"
+with a one-line reason; nothing here raises for bad data. Images that decode are normalised to
+upright 8-bit RGB (see decode_image). Rows are not padded: the worker pads its own batch.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pipeline import storage
 from pipeline.schema import STATUS_ERROR, STATUS_OK, one_line, preprocessed_schema
@@ -27,9 +28,10 @@ class ImageRejected(ValueError):
     """The row's image cannot be used; the message goes to the `error` column."""
 
 
-# Formats a caption corpus holds. Anything else (EPS, PDF, PSD, ...) is refused before a
-# plugin parses it: EPS would hand the bytes to Ghostscript, a classic remote-code vector.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# Formats a caption corpus holds (JPEG includes MPO). Anything else (EPS, PDF, PSD, ...) is
+# refused before a plugin parses it: EPS would hand the bytes to Ghostscript, a classic
+# remote-code vector.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF") + (("AVIF",) if features.check("avif") else ())
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 Image.init()  # register every plugin once, so Image.open(formats=...) can name WEBP and TIFF
 

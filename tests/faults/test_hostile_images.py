@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from pipeline_helpers import (cli, hostile_images, png_bytes, processed_inputs, reference_captions,
+from pipeline_helpers import (cli, hostile_images, image_bytes, png_bytes, processed_inputs, reference_captions,
                               write_shard)
 from workers.preprocess import ImageRejected, Preprocessor, decode_image
 
@@ -80,6 +80,22 @@ def test_decode_image_refuses_or_decodes_each_case(corpus, name):
         assert image.size == (24, 24) and (pixels == RED).all()  # the first frame
     else:
         raise AssertionError(f"no pixel check for {name}")
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "AVIF", "BMP", "TIFF", "PNG-RGBA"])
+def test_other_allowed_formats_decode(fmt):
+    """The allow-list keeps the formats web corpora hold; an RGBA image is composited on white."""
+    from workers.preprocess import ALLOWED_FORMATS
+
+    if fmt == "AVIF" and "AVIF" not in ALLOWED_FORMATS:
+        pytest.skip("this Pillow has no AVIF decoder")
+    image = Image.new("RGBA" if fmt == "PNG-RGBA" else "RGB", (24, 24), RED)
+    if fmt == "PNG-RGBA":
+        image.paste((0, 0, 255, 0), (12, 0, 24, 24))  # right half: fully transparent blue
+    lossy = {"WEBP": dict(lossless=True), "AVIF": dict(quality=100)}.get(fmt, {})
+    pixels = np.asarray(decode_image(image_bytes(image, fmt.split("-")[0], **lossy))).astype(int)
+    assert np.abs(pixels[:, :12] - RED).max() <= 6
+    assert np.abs(pixels[:, 12:] - (WHITE if fmt == "PNG-RGBA" else RED)).max() <= 6
 
 
 def test_formats_outside_the_allow_list_are_never_parsed(corpus, monkeypatch):
