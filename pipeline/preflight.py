@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -30,9 +31,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def check_run(config: CaptionConfig) -> None:
-    """Everything checkable before the input is read: the models, then the output location."""
+    """Everything checkable before the input is read: no credentials in a path, the models,
+    then the output location."""
+    for option in ("input", "output", "target", "draft"):
+        check_no_credentials(option, getattr(config, option))
     check_models(config.target, config.draft, config.s3_endpoint)
     check_output_location(config.output, config.s3_endpoint)
+
+
+def check_no_credentials(option: str, uri: str) -> None:
+    """Refuse s3://KEY:SECRET@bucket/... (a form pyarrow accepts): the path would be echoed in
+    errors and stored in _run.json. The message names the option, never the value."""
+    if storage.is_s3(uri) and "@" in urlparse(uri).netloc:
+        raise PipelineError(f"--{option} must not contain credentials (user:secret@); use the AWS "
+                            "environment or config files")
 
 
 def _model_dir(role: str, uri: str, s3_endpoint: str | None) -> str:

@@ -119,6 +119,22 @@ def test_preprocess_errors_from_s3_do_not_carry_credentials(s3, tiny_pair, monke
         _assert_clean(f"error column via {endpoint}", repr(errors))
 
 
+@pytest.mark.parametrize("option", ["--input", "--output", "--target", "--draft"])
+def test_credentials_in_a_path_are_refused_without_echoing_them(tmp_path, tiny_pair, capsys, option):
+    """pyarrow accepts s3://KEY:SECRET@bucket/...; the CLI refuses it before using the path and
+    does not repeat it (it would otherwise be echoed in errors and stored in _run.json)."""
+    from pipeline_helpers import cli
+
+    args = {"--input": str(tmp_path / "in"), "--output": str(tmp_path / "out"), "--target": tiny_pair[0],
+            "--draft": tiny_pair[1]}
+    args[option] = f"s3://AKIASPECLLAVAFAKE:{SECRET}@some-bucket/path"
+    rc = cli(["caption", *[part for item in args.items() for part in item]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{option} must not contain credentials" in err and "\n" not in err, err
+    _assert_clean("the error message", err)
+    assert not (tmp_path / "out").exists()
+
+
 # --- static guard ---------------------------------------------------------------------------------
 
 PICKLE_LOADERS = {"torch.load", "pickle.load", "pickle.loads", "cPickle.load", "cPickle.loads", "dill.load",
