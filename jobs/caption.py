@@ -162,18 +162,9 @@ def run_resume_command(args) -> int:
     return _run(config, args.progress_every)
 
 
-class Stopped(Exception):
-    """Raised in the driver on SIGTERM (`specllava stop`, `ray job stop`) so the run is recorded."""
-
-
-def _on_sigterm(signum, frame):
-    raise Stopped("stopped by SIGTERM (specllava stop / ray job stop); `specllava resume` continues it")
-
-
 def _run(config, progress_every: float = 10.0) -> int:
     import signal
     import sys
-    import threading
 
     from pipeline.config import PipelineError
     from pipeline.progress import CheckpointProgress
@@ -185,17 +176,20 @@ def _run(config, progress_every: float = 10.0) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
     else:
         progress_every = 0
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         with CheckpointProgress(config.output, config.s3_endpoint, every_s=progress_every):
             summary = run_caption(config)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
-    except Stopped as exc:
-        print(f"specllava: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        print(f"specllava: interrupted; `specllava resume {config.output}` continues the run "
+              "(committed rows are kept)", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        # Ray's driver turns SIGTERM (`specllava stop`, `ray job stop`) into SystemExit(15);
+        # run_caption has recorded the run as failed in _run.json by now.
+        if exc.code == signal.SIGTERM:
+            print(f"specllava: stopped by SIGTERM; `specllava resume {config.output}` continues the run",
+                  file=sys.stderr)
+        raise
     return 0 if summary["status"] == "finished" else 1

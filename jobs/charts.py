@@ -70,7 +70,7 @@ def bar_chart(counts: dict, path: str | Path, title: str = "", x_label: str = ""
     """One bar per key of `counts` (sorted), heights labelled; writes a PNG to `path`."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, 15, 30, 40
+    left, right, top, bottom = 60, 15, 44, 40
     draw.text((left, 8), title, fill="black")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     keys = sorted(counts)
@@ -82,9 +82,9 @@ def bar_chart(counts: dict, path: str | Path, title: str = "", x_label: str = ""
         y = top + (1 - counts[key] / peak) * (height - top - bottom)
         draw.rectangle([x0, y, x1, height - bottom], fill=PALETTE[0])
         draw.text(((x0 + x1) / 2 - 6, height - bottom + 6), str(key), fill="black")
-        draw.text((x0, max(top + 2, y - 13)), str(counts[key]), fill="black")
+        draw.text((x0, y - 13), str(counts[key]), fill="black")
     draw.text((width // 2 - 40, height - 16), x_label, fill="black")
-    draw.text((4, top - 14), y_label, fill="black")
+    draw.text((4, 24), y_label, fill="black")
     image.save(path)
 
 

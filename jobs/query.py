@@ -10,6 +10,7 @@ its own (pyarrow reads S3 with the usual AWS env/config). Columns: pipeline/sche
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -19,8 +20,15 @@ FORMATS = ("table", "csv", "json", "jsonl")
 
 
 def add_parser(subparsers) -> None:
-    q = subparsers.add_parser("query", help="DuckDB SQL over a caption output (table `captions`)",
-                              description=__doc__.split("\n\n")[0])
+    q = subparsers.add_parser(
+        "query", help="DuckDB SQL over a caption output (table `captions`)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run DuckDB SQL over a caption run's output table, registered as `captions`.",
+        epilog="columns: id (the input's id column), caption, status (ok/error), error, new_tokens,\n"
+               "  target_forwards, mean_accepted, accepted_lengths (list), draft_tokens, tree_nodes_mean, decode_s\n"
+               "examples:\n"
+               "  specllava query OUT \"SELECT status, count(*) FROM captions GROUP BY status\"\n"
+               "  specllava query OUT \"SELECT id, error FROM captions WHERE status <> 'ok'\" --format csv")
     q.add_argument("output", help="the run's --output (local dir or s3:// prefix)")
     q.add_argument("sql", help='SQL over the table `captions`, e.g. "SELECT count(*) FROM captions"')
     q.add_argument("--s3-endpoint", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")

@@ -178,6 +178,7 @@ def test_stop_then_resume_as_a_job(s3, tiny_pair, ray_head, capsys):
     fs = s3.filesystem()
     with fs.open_input_stream("jobs-b/out/_run.json") as stream:
         manifest = json.loads(stream.read())
+    print("manifest after stop:", manifest["runs"][-1].get("status"), manifest["runs"][-1].get("error"), file=sys.__stderr__)
     assert manifest["runs"][-1]["status"] in {"failed", "running"}  # "running" if SIGKILLed before writing
 
     code, out, err = _cli_out(capsys, ["resume", output, "--submit", "--wait", "--address", ray_head,
