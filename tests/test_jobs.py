@@ -178,8 +178,9 @@ def test_stop_then_resume_as_a_job(s3, tiny_pair, ray_head, capsys):
     fs = s3.filesystem()
     with fs.open_input_stream("jobs-b/out/_run.json") as stream:
         manifest = json.loads(stream.read())
-    print("manifest after stop:", manifest["runs"][-1].get("status"), manifest["runs"][-1].get("error"), file=sys.__stderr__)
-    assert manifest["runs"][-1]["status"] in {"failed", "running"}  # "running" if SIGKILLed before writing
+    # Ray's driver turns SIGTERM into SystemExit(15) and run_caption records it (measured: "failed",
+    # "SystemExit: 15"); "running" only if Ray's SIGKILL came before the manifest write.
+    assert manifest["runs"][-1]["status"] in {"failed", "running"}, manifest["runs"][-1]
 
     code, out, err = _cli_out(capsys, ["resume", output, "--submit", "--wait", "--address", ray_head,
                                        "--s3-endpoint", s3.endpoint])
