@@ -49,7 +49,7 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
             wait_for(lambda: store.proxy.held > held_before, 300, "a parked read of an input shard", driver)
             assert not any(e["event"] == "start" for e in log.events()), "a caption started before the read"
         elif step == "decode":
-            wait_for(log.in_flight, 300, "a caption batch being decoded", driver, every=0.05)
+            in_flight = wait_for(log.in_flight, 300, "a caption batch being decoded", driver, every=0.05)
         else:
             wait_for(lambda: store.proxy.held > held_before and data_files(fs, root), 300,
                      "a data file written with its checkpoint commit parked", driver)
@@ -68,8 +68,10 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
     orphans = data_files(fs, root)
     _, pending = checkpoint_files(fs, root)
     assert read_manifest(fs, root)["status"] == "running"  # the killed run never recorded an end
-    if step in ("read", "decode"):
+    if step == "read":
         assert not committed and not orphans, (len(committed), orphans)
+    elif step == "decode":  # usually nothing is committed yet; on a slow box an earlier batch may be
+        assert len(committed) < ROWS and not committed & {i for e in in_flight for i in e["ids"]}
     else:
         assert not committed and orphans and pending, "the kill must land between data write and commit"
 
