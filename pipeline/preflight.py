@@ -6,8 +6,9 @@ instead of a traceback from deep inside pyarrow or a run that fails inside a Ray
 - `check_models`: both model directories exist, hold safetensors weights, ask for no remote code
   (auto_map in any config, tokenizer or processor file), and the draft can decode with the
   target (config-level pair checks and, when the draft ships one, an identical tokenizer).
-  Reads only small files; s3:// prefixes are listed and their small files copied to the cache
-  the preprocess stage uses anyway. No weights are loaded.
+  Reads only small files; s3:// prefixes are listed and their small files copied to the local
+  model cache (storage.local_copy, skip_weights: the copy the preprocess stage uses for the
+  target). No weights are loaded.
 - `check_output_location`: the output's bucket exists (an S3 output is never a new bucket
   created by accident) or a local output's nearest existing parent is a writable directory.
   Writes nothing, so a run refused for another reason leaves no trace in the output.
