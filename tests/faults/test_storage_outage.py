@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from fault_helpers import (assert_complete_and_exact, caption_argv, committed_ids, faulty_store, read_manifest,
-                           wait_for, write_input)
+                           request_line, wait_for, write_input)
 from pipeline_helpers import cli
 
 __all__ = ["faulty_store"]  # the fixture, imported for pytest
@@ -72,3 +74,39 @@ def test_store_outage_mid_run_then_finish_or_resume(faulty_store, ray_address, t
     assert_complete_and_exact(fs, root, images, tiny_pair[0])
     print(f"store outage {OUTAGE_S:.0f}s after {seen['committed_at_stop']}/{ROWS} rows committed: first run "
           f"{outcome} in {first_run_s:.1f}s; resumed: {resumed}")
+
+
+def test_store_hanging_at_end_of_run_check_is_recorded_failed_then_resume(faulty_store, ray_address, tiny_pair):
+    """The store stops answering the driver's end-of-run check (the listing of OUTPUT/data after
+    the last commit): every attempt times out, the run is recorded `failed` with the reason and
+    the command raises; `specllava resume` then finds every row committed and decodes nothing."""
+    store = faulty_store
+    fs = store.filesystem()
+    bucket = store.make_bucket("outage-end")
+    root = "outage-end/out"
+    rows = 12
+    images = write_input(fs, "outage-end/in", rows, shards=1, seed=52_000)
+    listing = b"GET /outage-end?list-type=2&"
+
+    def hold_after_first_commit():
+        wait_for(lambda: committed_ids(fs, root), 600, "a committed batch")
+        store.proxy.hold(lambda head: request_line(head).startswith(listing)
+                         and b"prefix=out%2Fdata%2F" in request_line(head))
+
+    thread = threading.Thread(target=hold_after_first_commit, daemon=True)
+    thread.start()
+    held_before = store.proxy.held
+    try:
+        with pytest.raises(OSError, match="out/data"):
+            cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.3"))
+    finally:
+        thread.join(timeout=5)
+        store.proxy.release()
+    assert store.proxy.held > held_before
+    assert len(committed_ids(fs, root)) == rows  # the decode itself finished and committed
+    run = read_manifest(fs, root)["runs"][-1]
+    assert run["status"] == "failed" and "out/data" in run["error"] and "\n" not in run["error"]
+
+    assert cli(["resume", f"{bucket}/out", "--s3-endpoint", store.endpoint]) == 0
+    assert_complete_and_exact(fs, root, images, tiny_pair[0])
+    assert read_manifest(fs, root)["runs"][-1]["rows"] == 0
