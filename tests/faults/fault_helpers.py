@@ -257,7 +257,9 @@ def checkpoint_files(fs, root: str) -> tuple[set[str], set[str]]:
 
 def committed_ids(fs, root: str) -> set:
     committed, _ = checkpoint_files(fs, root)
-    return set(pq.ParquetDataset(sorted(committed), filesystem=fs).read().column("id").to_pylist()) if committed else set()
+    if not committed:
+        return set()
+    return set(pq.ParquetDataset(sorted(committed), filesystem=fs).read().column("id").to_pylist())
 
 
 def read_manifest(fs, root: str) -> dict:

@@ -16,11 +16,10 @@ import time
 import pytest
 
 from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_commits, checkpoint_files,
-                           committed_ids, data_files, faulty_store, read_manifest, reads_of, start_driver, wait_for,
+                           committed_ids, data_files, read_manifest, reads_of, start_driver, wait_for,
                            write_input)
+from fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
 from pipeline_helpers import cli
-
-__all__ = ["faulty_store"]  # the fixture, imported for pytest
 
 ROWS = 16
 BATCH = 4

@@ -17,10 +17,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_files, faulty_store,
+from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_files, committed_ids,
                            read_manifest, reference, start_driver, wait_for, write_input)
-
-__all__ = ["faulty_store"]  # the fixture, imported for pytest
+from fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
 
 ROWS = 5000
 SHARDS = 10
@@ -82,6 +81,7 @@ def test_soak_5000_rows_with_faults_exactly_once(faulty_store, ray_address, tiny
         wait_for(progressed(plan["driver_kill_at"]), 1800, "rows for the driver kill", driver, every=0.5)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
+        seen["in_flight_at_kill"] = sum(e["pid"] != victim["pid"] for e in log.in_flight())
     finally:
         if "outage_from" in seen and "outage_to" not in seen:
             store.proxy.start()
@@ -91,6 +91,9 @@ def test_soak_5000_rows_with_faults_exactly_once(faulty_store, ray_address, tiny
     first_s = time.time() - t0
     time.sleep(3)  # Ray ends the dead driver's actors and tasks
     at_kill = committed()
+    done = committed_ids(fs, root)
+    returned = {tuple(e["ids"]) for e in log.events() if e["event"] == "return"}
+    seen["returned_uncommitted"] = sum(1 for ids in returned if not set(ids) <= done)
     assert seen["outage_from"] < ROWS and seen["outage_to"] == seen["outage_from"], seen
     assert at_kill < ROWS, "the driver kill must land before the run ends"
 
@@ -119,7 +122,9 @@ def test_soak_5000_rows_with_faults_exactly_once(faulty_store, ray_address, tiny
     assert_complete_and_exact(fs, root, images, tiny_pair[0])
     print(f"soak: {ROWS} rows, batch {BATCH}, plan {plan}; actor {seen['actor_killed'][0]} killed at "
           f"{seen['actor_killed'][2]} committed; outage {plan['outage_s']}s at {seen['outage_from']}; driver "
-          f"killed at {at_kill} committed after {first_s:.0f}s; resumes (rc, s) {resumes}; "
+          f"killed at {at_kill} committed after {first_s:.0f}s (batches being decoded then "
+          f"{seen['in_flight_at_kill']}, decoded but not committed {seen['returned_uncommitted']}); "
+          f"resumes (rc, s) {resumes}; "
           f"{ROWS / total_s:.1f} rows/s over {total_s:.0f}s incl. faults and resume "
           f"(first run {runs[0].get('images_per_s')}, resume {runs[-1].get('images_per_s')} images/s as recorded); "
           f"re-decoded batches {len(redecoded)} ({sum(len(ids) * (n - 1) for ids, n in redecoded.items())} "

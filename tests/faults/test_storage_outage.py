@@ -12,11 +12,10 @@ import time
 
 import pytest
 
-from fault_helpers import (assert_complete_and_exact, caption_argv, committed_ids, faulty_store, read_manifest,
+from fault_helpers import (assert_complete_and_exact, caption_argv, committed_ids, read_manifest,
                            request_line, wait_for, write_input)
+from fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
 from pipeline_helpers import cli
-
-__all__ = ["faulty_store"]  # the fixture, imported for pytest
 
 ROWS = 40
 BATCH = 4
