@@ -338,8 +338,13 @@ class DrillLog:
         return Counter(tuple(e["ids"]) for e in self.events() if e["event"] == "start")
 
     def redecoded(self) -> dict:
-        """{batch ids: times started} for batches decoded more than once."""
+        """{batch ids: times started} for batches decoded more than once. Only meaningful within
+        one run: a resumed run re-forms its batches from the ids not yet committed."""
         return {ids: n for ids, n in self.starts().items() if n > 1}
+
+    def id_starts(self, since: float = 0.0) -> Counter:
+        """How many times each id was in a started batch (events at or after `since`)."""
+        return Counter(i for e in self.events() if e["event"] == "start" and e["t"] >= since for i in e["ids"])
 
     def rows_started(self) -> int:
         return sum(len(ids) * n for ids, n in self.starts().items())

@@ -66,6 +66,7 @@ def test_caption_actor_killed_mid_batch_is_restarted_and_batch_redone(s3, ray_ad
     # Measured, not assumed: only the batch that was mid-decode is decoded twice (batches queued
     # on the dead actor had not started; batches it returned were already in the object store).
     assert redecoded == {victim_ids: 2}, redecoded
+    assert log.rows_started() == ROWS + len(victim_ids)
     assert read_manifest(fs, "actorkill/out")["runs"][-1]["rows"] == ROWS  # each id written once
     print(f"actor kill: pid {killed['pid']} killed mid-batch; re-decoded batches: {len(redecoded)} "
           f"({sum(len(ids) for ids in redecoded)} rows); rows started {log.rows_started()} for {ROWS} rows; "
