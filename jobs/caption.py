@@ -135,7 +135,7 @@ def run_caption_command(args) -> int:
             batch_delay_s=args.debug_batch_delay)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
-    return _run(config, args.progress_every)
+    return _run(config, args.progress_every, debug=getattr(args, "debug", False))
 
 
 def run_resume_command(args) -> int:
@@ -159,10 +159,10 @@ def run_resume_command(args) -> int:
         config = CaptionConfig.from_dict(saved, s3_endpoint=args.s3_endpoint)
     except (PipelineError, TypeError) as exc:
         raise UserError(f"cannot resume from {args.output}/_run.json: {exc}") from None
-    return _run(config, args.progress_every)
+    return _run(config, args.progress_every, debug=getattr(args, "debug", False))
 
 
-def _run(config, progress_every: float = 10.0) -> int:
+def _run(config, progress_every: float = 10.0, debug: bool = False) -> int:
     import signal
     import sys
 
@@ -185,6 +185,13 @@ def _run(config, progress_every: float = 10.0) -> int:
         print(f"specllava: interrupted; `specllava resume {config.output}` continues the run "
               "(committed rows are kept)", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a failed run: one line (recorded in _run.json), exit 1
+        if debug:
+            raise
+        from pipeline.schema import one_line
+        print(f"specllava: run failed: {one_line(exc, 500)}\n  recorded in {config.output}/_run.json; "
+              f"fix the cause and `specllava resume {config.output}` (--debug for the traceback)", file=sys.stderr)
+        return 1
     except SystemExit as exc:
         # Ray's driver turns SIGTERM (`specllava stop`, `ray job stop`) into SystemExit(15);
         # run_caption has recorded the run as failed in _run.json by now.

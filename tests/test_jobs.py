@@ -25,6 +25,9 @@ from pipeline_helpers import png_bytes, processed_inputs, reference_captions, wr
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+# Recognisable fake credentials: the head's (its jobs read S3 with them) and the submitter's.
+HEAD_SECRET = "HEAD-FAKE-SECRET-7f3a91"
+SUBMITTER_SECRET = "SUBMITTER-FAKE-SECRET-c24e08"
 
 
 def _free_port() -> int:
@@ -50,7 +53,8 @@ def ray_head(s3, tmp_path_factory):
            "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=200000000",
            f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true",
            *[f"--{flag}={port}" for flag, port in ports.items()]]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               AWS_SECRET_ACCESS_KEY=HEAD_SECRET, AWS_SESSION_TOKEN=HEAD_SECRET + "-token")
     log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
     log = open(log_path, "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -125,9 +129,10 @@ def _caption_flags(s3, tiny_pair, bucket_uri: str, output: str) -> list[str]:
             "--cpus-per-actor", "0.5", "--progress-every", "1"]
 
 
-def test_submit_caption_job_logs_and_query(s3, tiny_pair, ray_head, capsys):
+def test_submit_caption_job_logs_and_query(s3, tiny_pair, ray_head, capsys, monkeypatch):
     bucket_uri, images = _write_input(s3, "jobs-a", shards=2, rows=6, seed=500)
     output = f"{bucket_uri}/out"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SUBMITTER_SECRET)  # moto accepts any credentials
     code, out, err = _cli_out(capsys, ["submit", *_caption_flags(s3, tiny_pair, bucket_uri, output),
                                        "--address", ray_head])
     assert code == 0, err
@@ -140,7 +145,13 @@ def test_submit_caption_job_logs_and_query(s3, tiny_pair, ray_head, capsys):
     assert code == 0 and "progress: " in logs and "table 12/12 ids (12 ok, 0 error)" in logs
     code, followed, _ = _cli_out(capsys, ["logs", job, "--follow", "--address", ray_head])  # ended: returns
     assert code == 0 and "table 12/12 ids" in followed
-    assert not any(secret in logs for secret in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"))
+    # Credentials never travel with the job nor reach its log.
+    from ray.job_submission import JobSubmissionClient
+    info = JobSubmissionClient(ray_head).get_job_info(job)
+    sent = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env, "metadata": info.metadata})
+    assert info.runtime_env["env_vars"] == {"PYTHONUNBUFFERED": "1"}
+    for secret in (SUBMITTER_SECRET, HEAD_SECRET):
+        assert secret not in sent and secret not in logs and secret not in out + err
 
     rows = _query_json(capsys, output, s3.endpoint, "SELECT id, status, caption FROM captions ORDER BY id")
     assert [r["id"] for r in rows] == sorted(images) and {r["status"] for r in rows} == {"ok"}

@@ -186,7 +186,7 @@ def test_run_stats_mean_accepted_excludes_prefill_token():
     assert stats["images_per_s"] == 1.5 and stats["tokens_per_s"] == 7.0
 
 
-def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_address, tiny_pair):
+def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_address, tiny_pair, capsys):
     """A draft whose weights cannot be loaded (a truncated safetensors file: the pre-flight checks
     read configs and tokenizers, never weights) kills every caption actor at start: the command
     exits non-zero and _run.json says failed, with the reason. (A draft with another vocabulary,
@@ -202,9 +202,10 @@ def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_ad
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "image": [png_bytes(1), png_bytes(2)]}), tmp_path / "in" / "a.parquet")
     output = tmp_path / "out"
-    with pytest.raises(Exception):
-        cli(["caption", "--input", str(tmp_path / "in"), "--output", str(output), "--target", tiny_pair[0],
-             "--draft", str(bad_draft), *RESOURCES])
+    assert cli(["caption", "--input", str(tmp_path / "in"), "--output", str(output), "--target", tiny_pair[0],
+                "--draft", str(bad_draft), *RESOURCES]) == 1
+    err = capsys.readouterr().err
+    assert "specllava: run failed: " in err and "Traceback" not in err  # one line + how to resume
     manifest = json.loads((output / "_run.json").read_text())
     assert manifest["status"] == "failed" and manifest["runs"][-1]["status"] == "failed"
     assert manifest["runs"][-1]["error"]
