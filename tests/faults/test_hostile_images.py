@@ -131,7 +131,7 @@ def test_preprocessor_keeps_one_row_per_image_with_clear_errors(preprocessor, co
 
 
 PEAK_RSS_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import pyarrow as pa
 sys.path.insert(0, sys.argv[2])
 from pipeline_helpers import bomb_png, png_bytes
@@ -141,10 +141,18 @@ pre = Preprocessor(sys.argv[1], image_column="image")
 bomb, control = bomb_png(30000), bomb_png(4000)
 pre(pa.table({"id": ["warm"], "image": [png_bytes(1)]}))
 
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
 def step_kib(data):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # Reset the peak (VmHWM) to the current RSS first: ru_maxrss is a process-lifetime high-water
+    # mark, so an earlier peak (imports, loading the processor) would hide this step's growth.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
     out = pre(pa.table({"id": ["x"], "image": [data]}))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, out.column("status")[0].as_py()
+    return status_kib("VmHWM") - before, out.column("status")[0].as_py()
 
 bomb_kib, bomb_status = step_kib(bomb)
 control_kib, control_status = step_kib(control)
