@@ -114,9 +114,12 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
     """A local directory holding `uri`'s files: the path itself when local, else a cached copy.
 
     S3 model directories are copied once to `cache_dir` (default $SPECLLAVA_MODEL_CACHE or ~/.cache/specllava/models)
-    under a name derived from the URI. The copy is made in a temporary directory and renamed
-    into place, so a copy killed mid-way is never used. `skip_weights` copies only the small
-    files (configs, tokenizer, processor), for stages that need the processor only.
+    under a name derived from the URI *and the listing* (each file's path, size and last-modified
+    time), so a model overwritten in place on S3 gets a fresh copy instead of the stale one (the
+    run's manifest hashes the S3 files; loading an older local copy would break that record).
+    The copy is made in a temporary directory and renamed into place, so a copy killed mid-way
+    is never used. `skip_weights` copies only the small files (configs, tokenizer, processor),
+    for stages that need the processor only. Superseded copies are left in the cache.
     """
     if not is_s3(uri):
         return os.path.abspath(os.path.expanduser(uri))
@@ -125,19 +128,23 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
 
     cache_dir = (cache_dir or os.environ.get("SPECLLAVA_MODEL_CACHE")
                  or os.path.join(os.path.expanduser("~"), ".cache", "specllava", "models"))
-    name = hashlib.sha256(f"{s3_endpoint or ''}|{uri}|{skip_weights}".encode()).hexdigest()[:16]
+    fs, path = resolve(uri, s3_endpoint)
+    files = []
+    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = entry.path[len(path):].lstrip("/")
+        if entry.type == pafs.FileType.File and not (skip_weights and rel.endswith(WEIGHT_SUFFIXES)):
+            files.append((rel, entry))
+    files.sort(key=lambda item: item[0])
+    listing = "".join(f"{rel}\0{e.size}\0{e.mtime_ns}\n" for rel, e in files)
+    name = hashlib.sha256(f"{s3_endpoint or ''}|{uri}|{skip_weights}|{listing}".encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, name)
     if os.path.isdir(target):
         return target
-    fs, path = resolve(uri, s3_endpoint)
     tmp = f"{target}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     local = pafs.LocalFileSystem()
-    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
-        rel = entry.path[len(path):].lstrip("/")
-        if entry.type != pafs.FileType.File or (skip_weights and rel.endswith(WEIGHT_SUFFIXES)):
-            continue
+    for rel, entry in files:
         os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
         pafs.copy_files(entry.path, os.path.join(tmp, rel), source_filesystem=fs, destination_filesystem=local)
     try:
