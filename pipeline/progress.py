@@ -10,7 +10,6 @@ counting rows in OUTPUT/_checkpoint/*.parquet (committed files only: Ray renames
 """
 from __future__ import annotations
 
-import json
 import posixpath
 import threading
 import time
@@ -19,16 +18,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-
-CHECKPOINT_DIR = "_checkpoint"  # same as pipeline.run.CHECKPOINT_DIR (kept here to avoid a cycle)
+from pipeline.manifest import read_manifest
+from pipeline.run import CHECKPOINT_DIR
 
 
 class CommittedRows:
     """Counts rows in committed checkpoint files; each file's footer is read once."""
 
     def __init__(self, output: str, s3_endpoint: str | None = None):
+        self.output, self.s3_endpoint = output, s3_endpoint
         self.fs, root = storage.resolve(output, s3_endpoint)
-        self.root = root
         self.path = posixpath.join(root, CHECKPOINT_DIR)
         self._rows: dict[str, int] = {}
 
@@ -49,8 +48,7 @@ class CommittedRows:
     def total(self) -> int | None:
         """Input rows, from _run.json (written once the input is scanned)."""
         try:
-            with self.fs.open_input_stream(posixpath.join(self.root, "_run.json")) as stream:
-                return json.loads(stream.read().decode()).get("input", {}).get("rows")
+            return (read_manifest(self.output, self.s3_endpoint) or {}).get("input", {}).get("rows")
         except (OSError, ValueError):
             return None
 

@@ -165,3 +165,21 @@ def test_example_configs_parse():
         argv = [command, *positional, "--config", str(path)]
         apply_config(parser, argv)
         parser.parse_args(argv)  # raises SystemExit on a missing required option
+
+
+# --- progress lines (pipeline/progress.py) ---------------------------------------------------
+
+def test_committed_rows_count_only_committed_checkpoint_files(output):
+    from pathlib import Path
+
+    from pipeline.progress import CommittedRows, progress_line
+
+    ckpt = Path(output) / "_checkpoint"
+    pq.write_table(pa.table({"id": ["p", "q"]}), ckpt / "y.parquet")
+    pq.write_table(pa.table({"id": ["r", "s", "t"]}), ckpt / "z.pending.parquet")  # not committed yet
+    counter = CommittedRows(output)
+    assert counter.count() == 3 and counter.total() == 4  # x (1 row) + y (2 rows); input rows from _run.json
+    (ckpt / "y.parquet").unlink()
+    assert counter.count() == 1  # a file gone is not counted from the cache
+    assert progress_line(3, 4, 0.5) == "progress: 3/4 rows committed (75.0%), 0.5 rows/s this run, ETA 0m02s"
+    assert progress_line(7, None, None) == "progress: 7 rows committed"
