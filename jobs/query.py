@@ -11,6 +11,7 @@ its own (pyarrow reads S3 with the usual AWS env/config). Columns: pipeline/sche
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 
@@ -107,7 +108,7 @@ def write_table(table, fmt: str, width: int = 60, out=None) -> None:
     out = out or sys.stdout
     if fmt == "csv":
         import pyarrow.csv as pacsv
-        sink = __import__("io").BytesIO()
+        sink = io.BytesIO()
         pacsv.write_csv(table, sink)
         out.write(sink.getvalue().decode())
         return
