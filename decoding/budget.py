@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .cache import KVState
 from .decoder import SpeculativeDecoder
 from .models import forward_block, model_device, prefill
 from .tree import TreeConfig

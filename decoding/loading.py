@@ -13,15 +13,29 @@ from transformers import LlavaForConditionalGeneration
 
 from .errors import ModelPairError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+# The one vocabulary of dtype names (every --dtype flag, CaptionConfig.dtype, load_llava):
+# torch's spelling, with the short forms accepted as aliases.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+AUTO = "auto"  # float16 on CUDA, float32 elsewhere
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def canonical_dtype(name: str) -> str:
+    """"auto" or a key of DTYPES, from any accepted spelling; ValueError for anything else."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name != AUTO and name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)} "
+                         f"(or {', '.join(DTYPE_ALIASES)})")
+    return name
+
+
+def parse_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """A torch dtype from a name; "auto" is float16 on a CUDA `device`, float32 otherwise."""
     if isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
+    name = canonical_dtype(name)
+    if name == AUTO:
+        return torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
     return DTYPES[name]
 
 
@@ -76,9 +90,9 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_llava(path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
+def load_llava(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
     """LlavaForConditionalGeneration from a local directory, in eval mode, on `device`."""
     path = check_model_dir(path)
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False, dtype=parse_dtype(dtype))
+        path, use_safetensors=True, trust_remote_code=False, dtype=parse_dtype(dtype, device))
     return model.to(device).eval()

@@ -44,6 +44,17 @@ class GenerationResult:
     stats: list[RowStats]
 
 
+def mean_accepted_length(new_tokens: int, target_forwards: int, rows: int) -> float | None:
+    """Tau: tokens per verify step over `rows` rows that produced `new_tokens` in `target_forwards`.
+
+    Each row's prefill forward yields its first token, which is not an accepted draft; every
+    other target forward is one verify step. None when there was no verify step. The one formula
+    behind `_run.json`, `specllava stats` and `specllava bench`.
+    """
+    steps = target_forwards - rows
+    return (new_tokens - rows) / steps if steps > 0 else None
+
+
 def cut_after_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
     """Each row up to and including its first EOS token (the form `GenerationResult.sequences` has)."""
     out = []

@@ -6,7 +6,7 @@ On the same images and prompt, in one process, methods are interleaved round aft
   hf_assisted    HF assisted generation with the same draft (a chain; batch 1 only, HF raises above);
   static_tree    our decoder with a fixed-shape tree (top-k siblings along the draft's greedy chain);
   dynamic_tree   our decoder with the dynamic tree (budget chosen on this device unless --no-budget).
-Per method: tokens/s, mean accepted length tau = (new tokens - 1) / (target forwards - 1),
+Per method: tokens/s, mean accepted length tau (decoding.stats.mean_accepted_length),
 target forwards per token, and token match rate against target_greedy.
 
     specllava bench                 # demo pair, batch 1 and 8, table + PNG chart
@@ -29,22 +29,21 @@ import torch
 from decoding import SpeculativeDecoder, TreeConfig
 from decoding.budget import choose_tree
 from decoding.loading import load_llava, parse_dtype
-from decoding.stats import cut_after_eos
-
-DEFAULT_PAIR = Path(__file__).resolve().parent.parent / "assets" / "demo-pair"
+from decoding.stats import cut_after_eos, mean_accepted_length
+from jobs.common import DEMO_PAIR, UserError, add_dtype_argument
 METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark target greedy vs HF assisted vs our static/dynamic tree",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default=str(DEFAULT_PAIR / "target"), help="target model dir (default: demo pair)")
-    p.add_argument("--draft", default=str(DEFAULT_PAIR / "draft"), help="draft model dir (default: demo pair)")
+    p.add_argument("--target", default=str(DEMO_PAIR / "target"), help="target model dir (default: demo pair)")
+    p.add_argument("--draft", default=str(DEMO_PAIR / "draft"), help="draft model dir (default: demo pair)")
     p.add_argument("--images", type=int, default=16, help="synthetic images per batch size (default 16)")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_dtype_argument(p, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -71,7 +70,6 @@ def quick_pair():
 
 
 def load_pair(args):
-    from jobs.cli import UserError
     from transformers import AutoProcessor
     for role in ("target", "draft"):
         if not Path(getattr(args, role), "config.json").is_file():
@@ -85,7 +83,7 @@ def load_pair(args):
 def make_inputs(processor, n: int, prompt: str | None = None):
     """n synthetic images (deterministic) through the processor, as one list of single-row encodings."""
     from PIL import Image
-    from jobs.synthetic import make_example
+    from training.synthetic import make_example
     prompt = prompt or "Describe the image."
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(conv, add_generation_prompt=True)
@@ -153,7 +151,6 @@ def sync(device):
 
 
 def run(args) -> int:
-    from jobs.cli import UserError
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -207,7 +204,7 @@ def run(args) -> int:
             tokens = sum(len(s) for s in seqs)
             tps = statistics.median(tokens / r[1] for r in results[m])
             rows = len(seqs)
-            tau = (tokens - rows) / max(1, forwards - rows)
+            tau = mean_accepted_length(tokens, forwards, rows) or 0.0
             runs.append({"method": m, "batch_size": bs, "tokens_per_s": round(tps, 2), "mean_accepted": round(tau, 3),
                          "target_forwards_per_token": round(forwards / max(1, tokens), 4),
                          "match_rate": round(match_rate(seqs, reference), 4) if reference is not None else None})

@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from jobs.common import UserError
+
 # Modules providing subcommands: each defines add_parser(subparsers) and sets `func` on its parser.
 COMMAND_MODULES: list[str] = ["jobs.make_dataset", "jobs.distill", "jobs.caption", "jobs.submit",
                               "jobs.query", "jobs.bench", "jobs.demo"]
@@ -29,10 +31,6 @@ typical session:
 
 every command takes --config FILE.yaml (keys = its option names; flags win) and --help.
 exit codes: 0 ok, 2 user error (one line on stderr; --debug for a traceback), 1 run failed."""
-
-
-class UserError(Exception):
-    """An error the user can fix (bad argument, missing path): printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jobs.cli import UserError
-
-DEMO_PAIR = Path(__file__).resolve().parent.parent / "assets" / "demo-pair"
+from jobs.common import DEMO_PAIR, DEMO_PAIR_DIR, UserError
 
 
 def add_parser(sub) -> None:
@@ -33,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from jobs.synthetic import write_shards
+    from training.synthetic import write_shards
     from pipeline.config import CaptionConfig, PipelineError
     from pipeline.run import run_caption
 
@@ -42,7 +40,7 @@ def run(args) -> int:
     for role in ("target", "draft"):
         if not (Path(getattr(args, role)) / "config.json").is_file():
             raise UserError(f"--{role} {getattr(args, role)} is not a model directory (the demo pair ships in "
-                            "assets/demo-pair; pass --target/--draft to use another pair)")
+                            f"{DEMO_PAIR_DIR}; pass --target/--draft to use another pair)")
     work = Path(args.workdir).resolve()
     data, output = work / "images", work / "captions"
     print(f"[1/3] writing {args.num_images} synthetic images to {data}")
@@ -74,7 +72,9 @@ def show_captions(data: Path, output: Path, n: int) -> None:
     import pyarrow.dataset as ds
     refs = {r["id"]: r["caption"] for r in ds.dataset(str(data), format="parquet")
             .to_table(columns=["id", "caption"]).to_pylist()}
-    rows = ds.dataset(str(output / "data"), format="parquet").to_table(
+    from pipeline.layout import DATA_DIR
+
+    rows = ds.dataset(str(output / DATA_DIR), format="parquet").to_table(
         columns=["id", "caption", "status", "mean_accepted"]).to_pylist()
     for row in sorted(rows, key=lambda r: r["id"])[:n]:
         got = row["caption"] if row["status"] == "ok" else f"[{row['status']}]"

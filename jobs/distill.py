@@ -3,33 +3,17 @@
     specllava distill --target assets/demo-pair/target --images runs/data/distill \
         --output assets/demo-pair/draft [--layers 1 --hidden 128 --heads 2 --steps 1500 ...]
 
-Contract
-- The draft reuses the target's vision tower (weights copied, frozen), vision feature settings,
-  tokenizer and processor; its projector and LLaMA-style language model (--layers, --hidden,
-  --heads, --intermediate) are new and trained.
-- Teacher data: the target greedily captions each image (--prompt); the target's top-k
-  (--topk, all of a small vocabulary) log-probabilities at every caption position are cached in
-  `<work-dir>/teacher.safetensors`. Training minimises KL(target || draft) over those positions.
-- Resumable: `<work-dir>/checkpoint` (safetensors + JSON, see jobs/checkpoint.py); rerun the same
-  command to continue. Batches are a pure function of (seed, step).
-- The last --heldout-images rows of --images are never trained on; at the end the command prints
-  (and writes to `<output>/distill_stats.json`) acceptance statistics on them (jobs/acceptance.py)
-  and the draft/target per-token decode cost at batch 1.
-- Weights are only read as safetensors; no remote code, no pickle.
+The training itself is `training.distill` (its docstring is the contract): this command reads
+the images (local or s3://), builds a `DistillConfig` from the flags, and prints the held-out
+statistics. Rerun the same command to resume from `<work-dir>/checkpoint`.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
-import math
-import statistics
-import sys
-import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from jobs.common import UserError, add_dtype_argument, default_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,9 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--topk", type=int, default=64, help="target log-probs kept per position")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default="float16")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_dtype_argument(p, "--teacher-dtype", default="float32")
+    add_dtype_argument(p, "--save-dtype", default="float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--s3-endpoint", default=None)
@@ -64,243 +48,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def draft_config(target_config, *, layers: int, hidden: int, heads: int, intermediate: int):
-    """The target's LlavaConfig with a smaller text model (same vocab, special ids, vision settings)."""
-    if hidden % heads:
-        raise ValueError(f"--hidden {hidden} is not divisible by --heads {heads}")
-    d = target_config.to_dict()
-    d["text_config"].update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                            num_key_value_heads=heads, intermediate_size=intermediate, head_dim=hidden // heads,
-                            tie_word_embeddings=False)
-    for key in ("layer_types", "sliding_window", "max_window_layers"):
-        d["text_config"].pop(key, None)
-    return type(target_config).from_dict(d)
-
-
-def build_draft(target, *, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0):
-    """A new draft whose vision tower is a frozen copy of the target's."""
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = draft_config(target.config, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
-    draft = LlavaForConditionalGeneration(config).float()
-    draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
-    draft.model.vision_tower.requires_grad_(False)
-    draft.generation_config = copy.deepcopy(target.generation_config)
-    return draft
-
-
-def _encode(processor, images: list[bytes]) -> torch.Tensor:
-    from jobs.demo_model import encode_images
-    return encode_images(processor, images)  # [N, 3, H, W]
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def teacher_data(target, processor, images: list[bytes], prompt_ids: list[int], *, max_new_tokens: int,
-                 topk: int, pad_id: int, eos_id: int, batch_size: int = 32, progress: bool = True) -> dict:
-    """Greedy target captions and the target's top-k log-probs at each caption position.
-
-    Returns captions [N, C] (padded with -1; C = max caption length incl. EOS),
-    topk_logprobs [N, C, K] float32 and topk_ids [N, C, K] int64.
-    """
-    from tqdm import tqdm
-
-    device, dtype = next(target.parameters()).device, next(target.parameters()).dtype
-    P, K = len(prompt_ids), min(topk, target.config.text_config.vocab_size)
-    caps, lps, idxs = [], [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="teacher", disable=not progress, mininterval=5):
-        pix = _encode(processor, images[i:i + batch_size]).to(device, dtype)  # [B, 3, H, W]
-        ids = torch.tensor([prompt_ids] * len(pix), device=device)  # [B, P]
-        gen = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
-                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                              pad_token_id=pad_id)[:, P:].tolist()
-        rows = [g[:g.index(eos_id) + 1] if eos_id in g else g for g in gen]
-        seq, mask = _pad([prompt_ids + r for r in rows], pad_id)
-        logits = target(input_ids=seq.to(device), attention_mask=mask.to(device), pixel_values=pix).logits
-        logp = logits[:, P - 1:-1].float().log_softmax(-1)  # [B, C, V]: position P-1+j predicts caption[j]
-        top = logp.topk(K, dim=-1)
-        for b, r in enumerate(rows):
-            caps.append(r)
-        lps.append(top.values.cpu())
-        idxs.append(top.indices.cpu())
-    C = max(len(r) for r in caps)
-    captions = torch.full((len(caps), C), -1, dtype=torch.long)
-    for n, r in enumerate(caps):
-        captions[n, :len(r)] = torch.tensor(r)
-    pad3 = lambda t: F.pad(t, (0, 0, 0, C - t.shape[1]))  # noqa: E731 - pad the C axis
-    return {"captions": captions, "topk_logprobs": torch.cat([pad3(t) for t in lps]),
-            "topk_ids": torch.cat([pad3(t) for t in idxs])}
-
-
-def kl_loss(draft_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor,
-            valid: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the target's top-k support (renormalised), mean over valid positions.
-
-    draft_logits [B, C, V]; topk_logprobs, topk_ids [B, C, K]; valid [B, C] bool.
-    """
-    logq = draft_logits.float().log_softmax(-1).gather(-1, topk_ids)  # [B, C, K]
-    logp = topk_logprobs - topk_logprobs.logsumexp(-1, keepdim=True)  # [B, C, K]
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, C]
-    return (kl * valid).sum() / valid.sum().clamp(min=1)
-
-
-def draft_logits_at_captions(draft, prompt_ids: list[int], captions: torch.Tensor, pixel_values: torch.Tensor,
-                             pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft logits predicting each caption token: captions [B, C] (-1 padded) -> ([B, C, V], valid [B, C])."""
-    P, (B, C) = len(prompt_ids), captions.shape
-    valid = captions >= 0  # [B, C]
-    ids = torch.cat([torch.tensor(prompt_ids).expand(B, P), captions.clamp(min=0)], 1)  # [B, P + C]
-    ids = torch.where(torch.cat([torch.ones(B, P, dtype=torch.bool), valid], 1), ids, pad_id)
-    mask = torch.cat([torch.ones(B, P, dtype=torch.long), valid.long()], 1)  # right padding
-    device = next(draft.parameters()).device
-    logits = draft(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   pixel_values=pixel_values.to(device)).logits  # [B, P + C, V]
-    return logits[:, P - 1:P - 1 + C], valid.to(device)
-
-
-def _lr(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-    from transformers import AutoProcessor
+    from training import synthetic
+    from training.distill import DistillConfig, DistillError, distill
+    from workers.storage import resolve
 
-    from jobs import acceptance, checkpoint, demo_model, synthetic
-    from jobs.cli import UserError
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (Path(args.target) / "config.json").exists():
-        raise UserError(f"--target {args.target} has no config.json (expected a save_pretrained directory)")
     if args.steps < 1 or args.batch_size < 1 or args.heldout_images < 0:
         raise UserError("--steps and --batch-size must be >= 1, --heldout-images >= 0")
-    device = torch.device(args.device)
-    work = Path(args.work_dir or f"{args.output.rstrip('/')}-work")
-    work.mkdir(parents=True, exist_ok=True)
-
-    from decoding import ModelPairError
-    from decoding.loading import load_llava
-    try:   # safetensors only; refuses remote code and pickle-only dirs
-        target = load_llava(args.target, getattr(torch, args.teacher_dtype), device)
-    except ModelPairError as exc:
-        raise UserError(str(exc)) from None
-    processor = AutoProcessor.from_pretrained(args.target)
-    tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos_id = tok.eos_token_id
     try:
-        table = synthetic.read_rows(args.images, args.s3_endpoint, limit=args.max_images)
+        fs, path = resolve(args.images, args.s3_endpoint)
+        table = synthetic.read_rows(path, fs, limit=args.max_images)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read --images {args.images}: {exc}") from exc
     if "image" not in table.column_names:
         raise UserError(f"--images {args.images} has no `image` column")
-    images = table.column("image").to_pylist()
-    if len(images) <= args.heldout_images:
-        raise UserError(f"--images has {len(images)} rows, not more than --heldout-images {args.heldout_images}")
-    train_images, heldout_images = images[:len(images) - args.heldout_images], images[len(images) - args.heldout_images:]
-    prompt_ids = demo_model.prompt_ids(processor, args.prompt or demo_model.DEFAULT_PROMPT)
-
-    # 1. Teacher data (cached; the meta must match to be reused).
-    meta = {"target": str(Path(args.target).resolve()), "images": args.images, "n": len(train_images),
-            "prompt_ids": prompt_ids, "topk": args.topk, "max_new_tokens": args.max_new_tokens}
-    cache_path, meta_path = work / "teacher.safetensors", work / "teacher.json"
-    if cache_path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
-        teacher = load_file(str(cache_path))
-        _log(f"teacher cache: {cache_path}")
-    else:
-        t0 = time.time()
-        teacher = teacher_data(target, processor, train_images, prompt_ids, max_new_tokens=args.max_new_tokens,
-                               topk=args.topk, pad_id=pad_id, eos_id=eos_id, progress=not args.quiet)
-        save_file(teacher, str(cache_path))
-        meta_path.write_text(json.dumps(meta))
-        _log(f"teacher: {len(train_images)} captions + top-{args.topk} log-probs in {time.time() - t0:.0f}s")
-
-    # 2. Draft and optimizer (+ resume).
-    draft = build_draft(target, layers=args.layers, hidden=args.hidden, heads=args.heads,
-                        intermediate=args.intermediate or 3 * args.hidden, seed=args.seed).to(device)
-    trainable = [p for p in draft.parameters() if p.requires_grad]
-    n_text = sum(p.numel() for p in draft.model.language_model.parameters()) + draft.lm_head.weight.numel()
-    _log(f"draft: {n_text / 1e6:.2f}M text parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable")
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    state = checkpoint.load(work / "checkpoint", draft, optimizer) or {"step": 0, "history": [], "train_seconds": 0.0}
-    if state["step"]:
-        _log(f"resumed from {work / 'checkpoint'} at step {state['step']}")
-
-    # 3. Train: KL(target || draft) on the target's captions.
-    draft.train()
-    draft.model.vision_tower.eval()
-    tick, window = time.time(), []
-    bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps, desc="distill",
-               disable=args.quiet, mininterval=5)
-    for step in bar:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(len(train_images), (args.batch_size,), generator=g)
-        pix = _encode(processor, [train_images[i] for i in idx.tolist()])  # [B, 3, H, W]
-        logits, valid = draft_logits_at_captions(draft, prompt_ids, teacher["captions"][idx], pix, pad_id)
-        loss = kl_loss(logits, teacher["topk_logprobs"][idx].to(device), teacher["topk_ids"][idx].to(device), valid)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, args)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        done = step + 1
-        if done % 10 == 0 or done == args.steps:
-            state["history"].append({"step": done, "kl": round(sum(window) / len(window), 5)})
-            bar.set_postfix(kl=f"{state['history'][-1]['kl']:.4f}")
-            window = []
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            tick = checkpoint.save_step(work / "checkpoint", draft, optimizer, state, done, tick)
-    bar.close()
-    draft.eval()
-
-    # 4. Save, then measure on held-out images.
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    copy.deepcopy(draft).to(getattr(torch, args.save_dtype)).save_pretrained(out)
-    processor.save_pretrained(out)
-    stats = {"steps": state["step"], "train_seconds": round(state["train_seconds"], 1),
-             "draft_text_parameters": n_text, "history": state["history"]}
-    if heldout_images:
-        held = teacher_data(target, processor, heldout_images, prompt_ids, max_new_tokens=args.max_new_tokens,
-                            topk=args.topk, pad_id=pad_id, eos_id=eos_id, progress=False)
-        pix = _encode(processor, heldout_images)
-        with torch.no_grad():
-            logits, valid = draft_logits_at_captions(draft, prompt_ids, held["captions"], pix, pad_id)
-            stats["heldout_kl"] = kl_loss(logits, held["topk_logprobs"].to(device), held["topk_ids"].to(device),
-                                          valid).item()
-        seqs = [prompt_ids + [t for t in row if t >= 0] for row in held["captions"].tolist()]
-        stats["acceptance"] = acceptance.agreement(target, draft, seqs, len(prompt_ids), pix, pad_id)
-        stats["heldout_images"] = len(heldout_images)
-        one = torch.tensor([prompt_ids], device=device)
-        dt = next(target.parameters()).dtype
-        # Interleaved repeats, median of each: one run alone is noisy on a shared CPU.
-        runs = [(acceptance.decode_ms(target, one, pix[:1].to(device, dt), steps=100),
-                 acceptance.decode_ms(draft, one, pix[:1].to(device), steps=100)) for _ in range(3)]
-        t_ms, d_ms = (statistics.median(x) for x in zip(*runs))
-        stats["decode_ms"] = {"target": round(t_ms, 3), "draft": round(d_ms, 3), "ratio": round(d_ms / t_ms, 4),
-                              "device": str(device), "threads": torch.get_num_threads()}
-    (out / "distill_stats.json").write_text(json.dumps(stats, indent=1))
-    summary = {k: v for k, v in stats.items() if k != "history"}
-    print(json.dumps(summary, indent=1))
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    options["device"] = args.device or default_device()
+    config = DistillConfig(**options, images_label=args.images)
+    try:
+        stats = distill(config, table.column("image").to_pylist())
+    except DistillError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=1))
     return 0

@@ -1,4 +1,4 @@
-"""`specllava make-dataset`: write deterministic synthetic captioning shards (see jobs/synthetic.py).
+"""`specllava make-dataset`: write deterministic synthetic captioning shards (see training/synthetic.py).
 
     specllava make-dataset --num-images 1000 --shard-size 250 --output data/synth [--seed 0]
     specllava make-dataset ... --output s3://bucket/synth --s3-endpoint http://127.0.0.1:5000
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from jobs.common import UserError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,8 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.cli import UserError
-    from jobs.synthetic import write_shards
+    from training.synthetic import write_shards
+    from workers.storage import resolve
 
     if args.num_images < 1 or args.shard_size < 1:
         raise UserError("--num-images and --shard-size must be >= 1")
@@ -37,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--image-size must be between 32 and 1024")
     start = time.time()
     try:
-        paths = write_shards(args.num_images, args.shard_size, args.output, seed=args.seed,
-                             side=args.image_size, s3_endpoint=args.s3_endpoint, progress=not args.quiet)
+        fs, root = resolve(args.output, args.s3_endpoint)
+        paths = write_shards(args.num_images, args.shard_size, root, seed=args.seed,
+                             side=args.image_size, filesystem=fs, progress=not args.quiet)
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot write {args.output}: {exc}") from exc
     print(f"wrote {args.num_images} images in {len(paths)} shards to {args.output} "

@@ -6,7 +6,7 @@
 
 The table (OUTPUT/data/*.parquet) is opened as a pyarrow dataset and registered in DuckDB as
 `captions`, so local and s3:// outputs work alike and DuckDB needs no extension or credentials of
-its own (pyarrow reads S3 with the usual AWS env/config). Columns: pipeline/schema.py.
+its own (pyarrow reads S3 with the usual AWS env/config). Columns: workers/schema.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import io
 import json
 import sys
 
-from jobs.cli import UserError
+from jobs.common import UserError
 
 FORMATS = ("table", "csv", "json", "jsonl")
 
@@ -52,18 +52,19 @@ def open_output(output: str, s3_endpoint: str | None = None):
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
-    from pipeline import storage
+    from pipeline.layout import DATA_DIR
+    from workers import storage
 
     try:
         fs, root = storage.resolve(output, s3_endpoint)
-        data = f"{root.rstrip('/')}/data"
+        data = f"{root.rstrip('/')}/{DATA_DIR}"
         files = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(data, recursive=True,
                                                                           allow_not_found=True))
                        if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {output}: {' '.join(str(exc).split())[:300]}") from None
     if not files:
-        raise UserError(f"{output} has no output table (no {output.rstrip('/')}/data/*.parquet); "
+        raise UserError(f"{output} has no output table (no {output.rstrip('/')}/{DATA_DIR}/*.parquet); "
                         "is it the --output of a caption run?")
     return pads.dataset(files, filesystem=fs, format="parquet")
 
@@ -150,6 +151,7 @@ FROM captions
 
 
 def compute_stats(output: str, s3_endpoint: str | None = None) -> dict:
+    from decoding.stats import mean_accepted_length
     from pipeline.manifest import read_manifest
 
     dataset = open_output(output, s3_endpoint)
@@ -162,12 +164,11 @@ def compute_stats(output: str, s3_endpoint: str | None = None) -> dict:
                      "GROUP BY error ORDER BY n DESC, error LIMIT 5", s3_endpoint).to_pylist()
     ok = row["ok"] or 0
     tokens, forwards = row.pop("new_tokens") or 0, row.pop("target_forwards") or 0
-    steps = forwards - ok  # one prefill forward per ok row; its token is not an accepted draft
     stats = {**row,
              "caption_chars_mean": _round(row["caption_chars_mean"]),
              "caption_chars_median": _round(row["caption_chars_median"]),
              "new_tokens_mean": _round(row["new_tokens_mean"]),
-             "mean_accepted": round((tokens - ok) / steps, 4) if steps > 0 else None,
+             "mean_accepted": _round(mean_accepted_length(tokens, forwards, ok), 4),
              "accepted_histogram": {int(h["accepted"]): int(h["steps"]) for h in hist},
              "top_errors": [{"error": e["error"], "rows": e["n"]} for e in errors]}
     try:

@@ -16,43 +16,21 @@ The dashboard address defaults to $RAY_API_SERVER_ADDRESS, else http://127.0.0.1
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from jobs.cli import UserError
+from jobs.common import (DEMO_PAIR_DIR, UserError, add_address_argument, add_caption_arguments,
+                         add_job_arguments, default_address, parse_actors)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Never uploaded with the job (on top of .gitignore and .git, which Ray skips itself).
 WORKING_DIR_EXCLUDES = ["venv", "specllava-demo", "**/__pycache__", "*.egg-info", ".pytest_cache", "tests",
                         "docs", "out", "runs", ".cache"]
-DEMO_PAIR_DIR = "assets/demo-pair"  # uploaded only when the job uses the default (demo) models
-
-
-def default_address() -> str:
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
-
-
-def add_job_arguments(p, *, address: bool = True) -> None:
-    """Options of commands that submit a Ray job (`submit`, `resume --submit`)."""
-    if address:
-        p.add_argument("--address", default=None, help="Ray dashboard address "
-                       "(default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
-    p.add_argument("--working-dir", default=str(PROJECT_ROOT), help="directory uploaded as the job's "
-                   "working_dir (default: this project); 'none' when the cluster has specllava installed")
-    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
-    p.add_argument("--submission-id", help="job id to use (default: Ray generates one)")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
-                   help="CPUs reserved for the job's driver (default 0)")
-    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
 
 
 def add_parser(subparsers) -> None:
-    from jobs.caption import add_caption_arguments
-
     s = subparsers.add_parser("submit", help="run `caption` on a Ray cluster as a Ray job",
                               description=__doc__.split("\n\n")[0] + " The job's options are those of "
                               "`caption`; the last line of stdout is the submission id.")
@@ -66,8 +44,7 @@ def add_parser(subparsers) -> None:
                                  ("stop", "stop a running job (its output stays resumable)", stop_command)]:
         p = subparsers.add_parser(name, help=helptext, description=helptext)
         p.add_argument("submission_id", metavar="ID", help="submission id printed by `specllava submit`")
-        p.add_argument("--address", default=None, help="Ray dashboard address (default "
-                       "$RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+        add_address_argument(p)
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         if name == "stop":
@@ -75,8 +52,7 @@ def add_parser(subparsers) -> None:
         p.set_defaults(func=func)
 
     p = subparsers.add_parser("list", help="list the jobs on a Ray cluster", description="list Ray jobs")
-    p.add_argument("--address", default=None, help="Ray dashboard address (default "
-                   "$RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+    add_address_argument(p)
     p.add_argument("--all", action="store_true", help="include jobs not submitted by specllava")
     p.set_defaults(func=list_command)
 
@@ -137,8 +113,6 @@ def _absolute(value: str | None) -> str | None:
 
 def caption_argv(args: argparse.Namespace) -> list[str]:
     """The `caption` flags equivalent to `args` (defaults omitted), for the job's entrypoint."""
-    from jobs.caption import add_caption_arguments
-
     parser = argparse.ArgumentParser(add_help=False)
     add_caption_arguments(parser, address=False)
     argv = []
@@ -156,7 +130,10 @@ def submit_job(args: argparse.Namespace, command: list[str], metadata: dict, nee
     """Submit `python -m jobs.cli COMMAND...` (plus `--address auto`) and print how to follow it."""
     import logging
 
-    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    from workers.drill import drill_env
+
+    # Only these two kinds of variable travel: never credentials (the nodes have their own).
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", **drill_env()}}
     if args.working_dir.lower() != "none":
         root = Path(args.working_dir).expanduser().resolve()
         if not (root / "jobs" / "cli.py").is_file():
@@ -200,9 +177,7 @@ def wait_for(jobs, submission_id: str, states, timeout_s: float | None = None, p
 
 
 def submit_command(args) -> int:
-    from jobs.caption import _actors  # validate cheap things here, not minutes later on the cluster
-
-    _actors(args.actors)
+    parse_actors(args.actors)  # validate cheap things here, not minutes later on the cluster
     return submit_job(args, ["caption", *caption_argv(args)], {"output": args.output},
                       needs_demo_pair=not (args.target and args.draft))
 

@@ -39,7 +39,6 @@ class CaptionConfig:
     tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
     dtype: str = "auto"
     address: str | None = None       # existing Ray cluster; None = the current or a new local one
-    batch_delay_s: float = 0.0       # test drills only: worker sleeps after each batch
 
     def __post_init__(self):
         if self.image_uri_column is not None:
@@ -59,6 +58,11 @@ class CaptionConfig:
         if self.s3_endpoint and "@" in self.s3_endpoint:
             raise PipelineError("--s3-endpoint must not contain credentials; use the AWS env/config")
         from decoding import TreeConfig
+        from decoding.loading import canonical_dtype
+        try:
+            object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
         try:
             TreeConfig(**self.tree)
         except (TypeError, ValueError) as exc:

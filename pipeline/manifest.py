@@ -14,9 +14,9 @@ from importlib import metadata
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from pipeline.layout import MANIFEST_NAME
+from workers import storage
 
-MANIFEST_NAME = "_run.json"
 PACKAGES = ("specllava", "torch", "transformers", "ray", "pyarrow", "pillow", "tokenizers", "safetensors")
 
 

@@ -24,9 +24,9 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipeline import storage
+from workers import storage
 from pipeline.config import CaptionConfig, PipelineError
-from pipeline.schema import one_line
+from workers.schema import one_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 

@@ -17,9 +17,9 @@ import time
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from workers import storage
 from pipeline.manifest import read_manifest
-from pipeline.run import CHECKPOINT_DIR
+from pipeline.layout import CHECKPOINT_DIR
 
 
 class CommittedRows:

@@ -25,15 +25,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from decoding.stats import mean_accepted_length
 from pipeline import manifest as mf
 from pipeline import preflight
-from pipeline import storage
+from workers import storage
 from pipeline.config import CaptionConfig, PipelineError
-
-DATA_DIR = "data"
-CHECKPOINT_DIR = "_checkpoint"
-# Fault drills in tests only: caption actors append their pid and batch ids to this local file.
-DRILL_LOG_ENV = "SPECLLAVA_DRILL_LOG"
+from pipeline.layout import CHECKPOINT_DIR, DATA_DIR
 
 
 @dataclass
@@ -133,6 +130,7 @@ def build_dataset(config: CaptionConfig, scan: InputScan, out_fs, data_path: str
     import ray.data
 
     from workers.caption import CaptionWorker
+    from workers.drill import drill_env
     from workers.preprocess import Preprocessor
 
     image_col = config.image_column or config.image_uri_column
@@ -152,6 +150,7 @@ def build_dataset(config: CaptionConfig, scan: InputScan, out_fs, data_path: str
             image_uri_column=config.image_uri_column, prompt=config.prompt,
             prompt_column=scan.prompt_column, s3_endpoint=config.s3_endpoint))
     threads = max(1, int(config.cpus_per_actor)) if config.gpus_per_actor == 0 else None
+    drills = drill_env()  # tests only (workers/drill.py); actors do not see the driver's later env
     ds = ds.map_batches(
         CaptionWorker, batch_format="pyarrow", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=config.actors_min, max_size=config.actors_max),
@@ -161,8 +160,8 @@ def build_dataset(config: CaptionConfig, scan: InputScan, out_fs, data_path: str
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
             tree=dict(config.tree), s3_endpoint=config.s3_endpoint, dtype=config.dtype,
             device="cuda" if config.gpus_per_actor > 0 else "cpu", torch_threads=threads,
-            seed=config.seed, batch_delay_s=config.batch_delay_s,
-            drill_log=os.environ.get(DRILL_LOG_ENV) or None))
+            seed=config.seed),
+        **({"runtime_env": {"env_vars": drills}} if drills else {}))
     return ds
 
 
@@ -184,6 +183,10 @@ def execute(ds_builder, config: CaptionConfig, out_fs, data_path: str, ckpt_path
         ctx.checkpoint_config = saved
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _run_stats(table: pa.Table, wall_s: float) -> dict:
     status = table.column("status").to_pylist() if table.num_rows else []
     ok = sum(s == "ok" for s in status)
@@ -191,14 +194,12 @@ def _run_stats(table: pa.Table, wall_s: float) -> dict:
     if ok:
         new_tokens = pc.sum(table.column("new_tokens")).as_py()
         forwards = pc.sum(table.column("target_forwards")).as_py()
-    steps = forwards - ok  # one prefill forward per ok row; the rest are verify steps
     return {
         "rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "wall_s": round(wall_s, 3),
         "images_per_s": round(table.num_rows / wall_s, 3) if wall_s > 0 else None,
         "tokens_per_s": round(new_tokens / wall_s, 3) if wall_s > 0 else None,
         "new_tokens": new_tokens,
-        # tokens per verify step; the prefill's first token is not an accepted draft
-        "mean_accepted": round((new_tokens - ok) / steps, 4) if steps > 0 else None,
+        "mean_accepted": _rounded(mean_accepted_length(new_tokens, forwards, ok), 4),
     }
 
 
@@ -216,7 +217,7 @@ def check_compatible(previous: dict | None, config: CaptionConfig, models: dict)
 
 
 def _record_failure(config: CaptionConfig, manifest: dict, run: dict, exc: BaseException, log) -> None:
-    from pipeline.schema import one_line
+    from workers.schema import one_line
 
     run.update(finished=mf.now(), status="failed", error=one_line(exc, 1000))
     manifest.update(status="failed")

@@ -30,7 +30,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline.layout import CHECKPOINT_DIR, DATA_DIR  # noqa: E402
 
 
 class RayMemorySampler(threading.Thread):
@@ -89,7 +91,7 @@ def loop_vs_pipeline(args) -> dict:
     from decoding.testing import save_tiny_pair
     from pipeline.config import CaptionConfig
     from pipeline.run import run_caption
-    from pipeline_helpers import png_bytes
+    from tests.pipeline_helpers import png_bytes
     from workers.caption import CaptionWorker
     from workers.preprocess import Preprocessor
 
@@ -121,7 +123,7 @@ def loop_vs_pipeline(args) -> dict:
                            cpus_per_actor=1.0, stage_cpus=0.25)
     summary = run_caption(config)
     pipe_s = summary["run"]["wall_s"]
-    steady = steady_state(os.path.join(work, "out", "data"))
+    steady = steady_state(os.path.join(work, "out", DATA_DIR))
     shutil.rmtree(work, ignore_errors=True)
     return {"rows": len(ids), "batch_size": args.batch_size, "hidden": args.hidden, "layers": args.layers,
             "loop_s": round(loop_s, 2), "loop_images_per_s": round(len(ids) / loop_s, 2),
@@ -149,7 +151,7 @@ class Passthrough:
         self.id_column = id_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.schema import OUTPUT_FIELDS, output_schema
+        from workers.schema import OUTPUT_FIELDS, output_schema
 
         n = batch.num_rows
         ids = batch.column(self.id_column).combine_chunks()
@@ -198,7 +200,7 @@ def scale(args) -> dict:
         sampler = RayMemorySampler()
         sampler.start()
         t = time.perf_counter()
-        execute(build, config, fs, os.path.join(out, "data"), os.path.join(out, "_checkpoint"))
+        execute(build, config, fs, os.path.join(out, DATA_DIR), os.path.join(out, CHECKPOINT_DIR))
         wall = time.perf_counter() - t
         sampler.stop()
         results[label] = {"wall_s": round(wall, 1), "per_row_us": round(1e6 * wall / results["rows"], 2),
@@ -206,10 +208,10 @@ def scale(args) -> dict:
                           "ray_worker_peak_rss_single_mb": round(sampler.peak_single / 2**20),
                           "driver_peak_rss_mb": round(driver_peak_rss() / 2**20)}
         print(label, results[label], flush=True)
-    written = pq.ParquetDataset(os.path.join(out, "data")).read(columns=["id"])
+    written = pq.ParquetDataset(os.path.join(out, DATA_DIR)).read(columns=["id"])
     results["output_rows"] = written.num_rows
     results["output_unique"] = len(set(written.column("id").to_pylist()))
-    ckpt = CheckpointConfig(id_column="id", checkpoint_path=os.path.join(out, "_checkpoint"),
+    ckpt = CheckpointConfig(id_column="id", checkpoint_path=os.path.join(out, CHECKPOINT_DIR),
                             delete_checkpoint_on_success=False, override_filesystem=fs)
     t = time.perf_counter()
     ref, size = IdColumnCheckpointManager(checkpoint_config=ckpt,

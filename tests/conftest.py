@@ -38,7 +38,7 @@ class S3Server:
     endpoint: str  # http://127.0.0.1:PORT
 
     def filesystem(self):
-        from pipeline.storage import s3_filesystem
+        from workers.storage import s3_filesystem
         return s3_filesystem(self.endpoint)
 
     def make_bucket(self, name: str) -> str:

@@ -1,7 +1,9 @@
 """Helpers for pipeline/worker tests: synthetic images, bad images, shards, greedy references."""
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,23 @@ def cli(argv: list[str]) -> int:
 
 CLI_SUBPROCESS = ["-c", "import sys, jobs.cli as c; c.COMMAND_MODULES[:] = ['jobs.caption']; "
                         "sys.exit(c.main(sys.argv[1:]))"]
+
+
+@contextlib.contextmanager
+def batch_delay(seconds: float):
+    """Caption actors started inside this block sleep `seconds` after each batch (workers/drill.py),
+    so a kill or an outage lands mid-run. Restores the environment after."""
+    from workers.drill import BATCH_DELAY_ENV
+
+    saved = os.environ.get(BATCH_DELAY_ENV)
+    os.environ[BATCH_DELAY_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BATCH_DELAY_ENV, None)
+        else:
+            os.environ[BATCH_DELAY_ENV] = saved
 
 
 def png_bytes(seed: int, size: int = 16) -> bytes:

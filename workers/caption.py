@@ -9,8 +9,6 @@ Model or decoder failures (OOM, bad pair) raise: they are not a property of one 
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict
 
@@ -18,18 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from decoding.loading import load_llava  # safetensors only; refuses remote code and pickle-only dirs
-from pipeline import storage
-from pipeline.schema import OUTPUT_FIELDS, STATUS_OK, output_schema
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None
+from decoding.loading import load_llava, parse_dtype  # safetensors only; refuses remote code and pickle
+from workers import storage
+from workers.drill import Drill
+from workers.schema import OUTPUT_FIELDS, STATUS_OK, output_schema
 
 
 class CaptionWorker:
@@ -41,19 +31,17 @@ class CaptionWorker:
         max_new_tokens, temperature, top_p: decoding options (temperature 0 = greedy, exact).
         tree: dict of `decoding.TreeConfig` fields (None: defaults).
         device: "auto" (cuda when available), "cpu" or "cuda".
-        dtype: "auto" (fp16 on cuda, fp32 on cpu), "float32", "float16", "bfloat16".
+        dtype: "auto" (fp16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
         torch_threads: intra-op threads on CPU (None: leave torch's default).
-        batch_delay_s: sleep after each batch; only for kill/resume drills in tests.
-        drill_log: path of a local file to append one JSON line to per event ("init" once the
-            models are loaded, "start" and "return" per batch, with the actor's pid and the
-            batch's ids); only for fault drills in tests, which read pids and count re-decodes.
+
+    Fault drills in tests (an event log, a delay after each batch) are switched on by environment
+    variables, never by arguments: see workers/drill.py.
     """
 
     def __init__(self, target: str, draft: str, *, id_column: str = "id", max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, tree: dict | None = None,
                  s3_endpoint: str | None = None, device: str = "auto", dtype: str = "auto",
-                 torch_threads: int | None = None, seed: int | None = None, batch_delay_s: float = 0.0,
-                 drill_log: str | None = None):
+                 torch_threads: int | None = None, seed: int | None = None):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -63,7 +51,7 @@ class CaptionWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, self.device)
+        torch_dtype = parse_dtype(dtype, self.device)
         target_dir = storage.local_copy(target, s3_endpoint)
         draft_dir = storage.local_copy(draft, s3_endpoint)
         self.target = load_llava(target_dir, torch_dtype, self.device)
@@ -80,21 +68,9 @@ class CaptionWorker:
         self.generator = None
         if temperature > 0 and seed is not None:
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.batch_delay_s = batch_delay_s
-        self.drill_log = drill_log
+        self.drill = Drill()
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
-        self._drill("init")
-
-    def _drill(self, event: str, ids: list | None = None) -> None:
-        if not self.drill_log:
-            return
-        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), "ids": ids}) + "\n"
-        # One O_APPEND write per line: lines from concurrent actors do not interleave.
-        fd = os.open(self.drill_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        self.drill.event("init")
 
     def options(self) -> dict:
         return dict(tree=asdict(self.tree), max_new_tokens=self.max_new_tokens,
@@ -112,8 +88,8 @@ class CaptionWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        drill_ids = batch.column(self.id_column).to_pylist() if self.drill_log else None
-        self._drill("start", drill_ids)
+        drill_ids = batch.column(self.id_column).to_pylist() if self.drill.wants_ids else None
+        self.drill.event("start", drill_ids)
         status = batch.column("status").to_pylist()
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         columns: dict[str, list] = {f.name: [None] * n for f in OUTPUT_FIELDS}
@@ -147,9 +123,8 @@ class CaptionWorker:
                 # The batch is decoded together: every row reports the batch's wall time.
                 columns["decode_s"][i] = elapsed
             self.rows_decoded += len(ok)
-        if self.batch_delay_s:
-            time.sleep(self.batch_delay_s)
-        self._drill("return", drill_ids)
+        self.drill.after_batch()
+        self.drill.event("return", drill_ids)
         id_col = batch.column(self.id_column).combine_chunks()
         schema = output_schema(self.id_column, id_col.type)
         arrays = [id_col] + [pa.array(columns[f.name], f.type) for f in OUTPUT_FIELDS]

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from pipeline import storage
-from pipeline.schema import STATUS_ERROR, STATUS_OK, one_line, preprocessed_schema
+from workers import storage
+from workers.schema import STATUS_ERROR, STATUS_OK, one_line, preprocessed_schema
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024

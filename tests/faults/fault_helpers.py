@@ -31,10 +31,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_helpers import CLI_SUBPROCESS, png_bytes, processed_inputs, reference_captions, write_shard
+from tests import REPO_ROOT
+from workers.drill import BATCH_DELAY_ENV, LOG_ENV
+from tests.pipeline_helpers import CLI_SUBPROCESS, png_bytes, processed_inputs, reference_captions, write_shard
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DRILL_LOG_ENV = "SPECLLAVA_DRILL_LOG"
 MAX_NEW = 8
 # Small stages for a 2-core box shared with other test runs.
 SMALL = ["--max-new-tokens", str(MAX_NEW), "--stage-cpus", "0.25", "--cpus-per-actor", "0.5"]
@@ -169,7 +169,7 @@ class FaultyStore:
 
     def filesystem(self):
         """What the test inspects with: straight to the server, unaffected by faults."""
-        from pipeline.storage import s3_filesystem
+        from workers.storage import s3_filesystem
         return s3_filesystem(self.direct_endpoint)
 
     def make_bucket(self, name: str) -> str:
@@ -215,14 +215,18 @@ def caption_argv(bucket: str, pair, endpoint: str, address: str, batch: int, *ex
             "--batch-size", str(batch), *SMALL, *extra]
 
 
-def start_driver(argv: list[str], drill_log: str | None = None, log_path: str | None = None) -> subprocess.Popen:
-    """`specllava ARGV` in its own process (so it can be SIGKILLed), attached to the session Ray."""
+def start_driver(argv: list[str], drill_log: str | None = None, log_path: str | None = None,
+                 batch_delay_s: float = 0.0) -> subprocess.Popen:
+    """`specllava ARGV` in its own process (so it can be SIGKILLed), attached to the session Ray;
+    `drill_log` and `batch_delay_s` switch on the caption actors' drill hooks (workers/drill.py)."""
     env = os.environ.copy()
     if drill_log:
-        env[DRILL_LOG_ENV] = drill_log
+        env[LOG_ENV] = drill_log
+    if batch_delay_s:
+        env[BATCH_DELAY_ENV] = str(batch_delay_s)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, *CLI_SUBPROCESS, *argv], stdout=out, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO)
+                            env=env, cwd=REPO_ROOT)
 
 
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.1):

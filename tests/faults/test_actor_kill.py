@@ -11,9 +11,10 @@ import signal
 import threading
 import time
 
-from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, read_manifest, wait_for,
+from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, read_manifest, wait_for,
                            write_input)
-from pipeline_helpers import cli
+from workers.drill import LOG_ENV
+from tests.pipeline_helpers import batch_delay, cli
 
 ROWS = 32
 BATCH = 4
@@ -25,7 +26,7 @@ def test_caption_actor_killed_mid_batch_is_restarted_and_batch_redone(s3, ray_ad
     bucket = s3.make_bucket("actorkill")
     images = write_input(fs, "actorkill/in", ROWS, shards=2, seed=31_000)
     log = DrillLog(str(tmp_path / "drill.jsonl"))
-    monkeypatch.setenv("SPECLLAVA_DRILL_LOG", log.path)
+    monkeypatch.setenv(LOG_ENV, log.path)
     killed: dict = {}
 
     def killer():
@@ -45,7 +46,8 @@ def test_caption_actor_killed_mid_batch_is_restarted_and_batch_redone(s3, ray_ad
     thread.start()
     t0 = time.time()
     # 0.5 s after each batch, inside the task: the kill lands while the batch is not yet returned.
-    rc = cli(caption_argv(bucket, tiny_pair, s3.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.5"))
+    with batch_delay(0.5):
+        rc = cli(caption_argv(bucket, tiny_pair, s3.endpoint, ray_address, BATCH))
     wall = time.time() - t0
     thread.join(timeout=5)
     assert "error" not in killed, killed.get("error")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from decoding import ModelPairError
-from pipeline_helpers import cli, png_bytes
+from tests.pipeline_helpers import cli, png_bytes
 
 EXPECTED = {
     "pickle-only": "pickle weights pytorch_model.bin",

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_commits, checkpoint_files,
+from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_commits, checkpoint_files,
                            committed_ids, data_files, read_manifest, reads_of, start_driver, wait_for,
                            write_input)
-from fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
-from pipeline_helpers import cli
+from tests.faults.fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
+from tests.pipeline_helpers import cli
 
 ROWS = 16
 BATCH = 4
@@ -33,11 +33,11 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
     root = f"driverkill-{step}/out"
     images = write_input(fs, f"driverkill-{step}/in", ROWS, shards=2, seed=41_000)
     log = DrillLog(str(tmp_path / "drill.jsonl"))
-    argv = caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.3")
+    argv = caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH)
     if step == "write":
         store.proxy.hold(checkpoint_commits)
     held_before = store.proxy.held
-    driver = start_driver(argv, drill_log=log.path, log_path=str(tmp_path / "driver.log"))
+    driver = start_driver(argv, drill_log=log.path, log_path=str(tmp_path / "driver.log"), batch_delay_s=0.3)
     t0 = time.time()
     try:
         if step == "read":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 
@@ -21,7 +20,8 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from pipeline_helpers import (cli, hostile_images, image_bytes, png_bytes, processed_inputs, reference_captions,
+from tests import REPO_ROOT
+from tests.pipeline_helpers import (cli, hostile_images, image_bytes, png_bytes, processed_inputs, reference_captions,
                               write_shard)
 from workers.preprocess import ImageRejected, Preprocessor, decode_image
 
@@ -133,8 +133,7 @@ def test_preprocessor_keeps_one_row_per_image_with_clear_errors(preprocessor, co
 PEAK_RSS_SCRIPT = r"""
 import json, sys
 import pyarrow as pa
-sys.path.insert(0, sys.argv[2])
-from pipeline_helpers import bomb_png, png_bytes
+from tests.pipeline_helpers import bomb_png, png_bytes
 from workers.preprocess import Preprocessor
 
 pre = Preprocessor(sys.argv[1], image_column="image")
@@ -164,9 +163,8 @@ print(json.dumps({"bomb_kib": bomb_kib, "bomb_status": bomb_status,
 def test_decompression_bomb_costs_no_memory(tiny_pair):
     """Peak RSS of the preprocess step on a valid 30000x30000 PNG (110 KB on disk, 900 MB decoded)
     stays flat; a 4000x4000 control decoded by the same step does raise it, so the meter works."""
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, tiny_pair[0], tests_dir],
-                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(tests_dir))
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, tiny_pair[0]],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])
     print(peak)

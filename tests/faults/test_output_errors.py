@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_helpers import cli, png_bytes, write_shard
+from tests.pipeline_helpers import cli, png_bytes, write_shard
 
 
 @pytest.fixture

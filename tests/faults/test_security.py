@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline_helpers import CLI_SUBPROCESS, png_bytes, write_shard
+from tests import REPO_ROOT
+from tests.pipeline_helpers import CLI_SUBPROCESS, png_bytes, write_shard
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET = "SpecLlavaFakeSecret0x7c1d5e"
 TOKEN = "SpecLlavaFakeToken0x2b9f04"
 LEAKS = (SECRET.encode(), TOKEN.encode())
@@ -67,7 +67,7 @@ def test_credentials_never_reach_logs_manifest_or_error_columns(s3, ray_address,
                "--address", ray_address, "--image-uri-column", "url", "--batch-size", "4",
                "--max-new-tokens", "8", "--stage-cpus", "0.25", "--cpus-per-actor", "0.5", *args]
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_secret_env(),
-                              cwd=REPO) as proc:
+                              cwd=REPO_ROOT) as proc:
             stdout, stderr = proc.communicate(timeout=600)
         _assert_clean(f"the output of `specllava caption {' '.join(args)}`", stdout + stderr)
         return subprocess.CompletedProcess(proc.pid, proc.returncode, stdout, stderr)  # args: the pid
@@ -123,7 +123,7 @@ def test_preprocess_errors_from_s3_do_not_carry_credentials(s3, tiny_pair, monke
 def test_credentials_in_a_path_are_refused_without_echoing_them(tmp_path, tiny_pair, capsys, option):
     """pyarrow accepts s3://KEY:SECRET@bucket/...; the CLI refuses it before using the path and
     does not repeat it (it would otherwise be echoed in errors and stored in _run.json)."""
-    from pipeline_helpers import cli
+    from tests.pipeline_helpers import cli
 
     args = {"--input": str(tmp_path / "in"), "--output": str(tmp_path / "out"), "--target": tiny_pair[0],
             "--draft": tiny_pair[1]}
@@ -177,9 +177,9 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
 
 
 def _python_sources() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "*.py"], cwd=REPO,
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "*.py"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.split()
-    return [REPO / p for p in listed if (REPO / p).is_file()]
+    return [REPO_ROOT / p for p in listed if (REPO_ROOT / p).is_file()]
 
 
 def test_static_guard_finds_what_it_looks_for():
@@ -200,10 +200,10 @@ def test_no_source_unpickles_or_runs_remote_code():
     found = []
     for path in sources:
         text = path.read_text()
-        found += unsafe_loads(text, str(path.relative_to(REPO)))
+        found += unsafe_loads(text, str(path.relative_to(REPO_ROOT)))
         # Also outside calls (a dict of kwargs, a string passed on): the literal setting.
         if re.search(r"trust_remote_code\s*[=:]\s*True|['\"]trust_remote_code['\"]\s*:\s*True", text):
-            found.append(f"{path.relative_to(REPO)} sets trust_remote_code True")
+            found.append(f"{path.relative_to(REPO_ROOT)} sets trust_remote_code True")
     assert not found, found
 
 

@@ -17,9 +17,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_files, committed_ids,
+from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_files, committed_ids,
                            read_manifest, reference, start_driver, wait_for, write_input)
-from fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
+from tests.faults.fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
 
 ROWS = 5000
 SHARDS = 10

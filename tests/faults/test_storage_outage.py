@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from fault_helpers import (assert_complete_and_exact, caption_argv, committed_ids, read_manifest,
+from tests.faults.fault_helpers import (assert_complete_and_exact, caption_argv, committed_ids, read_manifest,
                            request_line, wait_for, write_input)
-from fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
-from pipeline_helpers import cli
+from tests.faults.fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
+from tests.pipeline_helpers import batch_delay, cli
 
 ROWS = 40
 BATCH = 4
@@ -49,7 +49,8 @@ def test_store_outage_mid_run_then_finish_or_resume(faulty_store, ray_address, t
     thread.start()
     t0 = time.time()
     try:
-        rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.3"))
+        with batch_delay(0.3):
+            rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH))
         outcome = "finished" if rc == 0 else f"exit {rc}"
     except Exception as exc:  # noqa: BLE001 - a failed execution propagates; _run.json must say why
         rc, outcome = None, f"raised {type(exc).__name__}"
@@ -96,7 +97,8 @@ def test_store_hanging_at_end_of_run_check_is_recorded_failed_then_resume(faulty
     thread.start()
     held_before = store.proxy.held
     try:
-        rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--debug-batch-delay", "0.3"))
+        with batch_delay(0.3):
+            rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH))
     finally:
         thread.join(timeout=5)
         store.proxy.release()

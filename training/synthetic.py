@@ -8,7 +8,9 @@ Contract
 - The caption language is small and regular (see `TEMPLATES` and `vocabulary()`), with four
   phrasings chosen at random per image; `parse_caption` inverts any of them into attributes, so a
   model's caption can be scored attribute by attribute with `attribute_accuracy`.
-- `write_shards` writes Parquet shards (columns in `SCHEMA`) to a local directory or an s3:// URI.
+- `write_shards` writes Parquet shards (columns in `SCHEMA`) to a local directory, or to any
+  pyarrow filesystem the caller resolved (the CLI passes its S3 filesystem; this module has no
+  storage code of its own).
   Locally a shard is written to `.<name>.tmp` and renamed, so a half-written shard never looks done;
   existing shards are skipped, so an interrupted run resumes where it stopped.
 """
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
@@ -220,18 +224,26 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.parquet"
 
 
+def _filesystem(path: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it): a given filesystem takes `path` as is; a URI (s3://bucket/key with
+    the default AWS endpoint) is resolved by pyarrow; anything else is a local path."""
+    if filesystem is not None:
+        return filesystem, path.rstrip("/")
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path.rstrip("/"))
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
 def write_shards(num_images: int, shard_size: int, output: str, seed: int = 0, side: int = 64,
-                 s3_endpoint: str | None = None, progress: bool = False) -> list[str]:
+                 filesystem: pafs.FileSystem | None = None, progress: bool = False) -> list[str]:
     """Write `num_images` rows as Parquet shards under `output`; returns the shard paths.
 
-    Shards that already exist are kept (same seed -> same content), so reruns resume.
+    `output` is a local directory, or a path inside `filesystem` (e.g. "bucket/prefix" of an
+    S3FileSystem). Shards that already exist are kept (same seed -> same content), so reruns resume.
     """
-    from pipeline.storage import is_s3, resolve
-    import pyarrow.fs as pafs
-
     if num_images < 1 or shard_size < 1:
         raise ValueError("num_images and shard_size must be >= 1")
-    fs, root = resolve(output, s3_endpoint)
+    fs, root = _filesystem(output, filesystem)
     fs.create_dir(root, recursive=True)
     num_shards = (num_images + shard_size - 1) // shard_size
     shards = range(num_shards)
@@ -247,7 +259,7 @@ def write_shards(num_images: int, shard_size: int, output: str, seed: int = 0, s
         start, stop = shard * shard_size, min(num_images, (shard + 1) * shard_size)
         rows = [make_example(seed, i, side) for i in range(start, stop)]
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        if is_s3(output):  # an S3 object only becomes visible once its upload completes
+        if not isinstance(fs, pafs.LocalFileSystem):  # an object only becomes visible once its upload completes
             pq.write_table(table, path, filesystem=fs)
         else:
             tmp = f"{root}/.{shard_name(shard)}.tmp"  # dot-prefixed: dataset readers skip it
@@ -256,12 +268,10 @@ def write_shards(num_images: int, shard_size: int, output: str, seed: int = 0, s
     return paths
 
 
-def read_rows(path: str, s3_endpoint: str | None = None, limit: int | None = None) -> pa.Table:
+def read_rows(path: str, filesystem: pafs.FileSystem | None = None, limit: int | None = None) -> pa.Table:
     """Read the shards under `path` (a directory of *.parquet or one file) as one table."""
-    from pipeline.storage import resolve
     import pyarrow.dataset as ds
 
-    fs, root = resolve(path, s3_endpoint)
+    fs, root = _filesystem(path, filesystem)
     dataset = ds.dataset(root, filesystem=fs, format="parquet", exclude_invalid_files=False)
-    table = dataset.head(limit) if limit else dataset.to_table()
-    return table
+    return dataset.head(limit) if limit else dataset.to_table()

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import synthetic
+from training import synthetic
 from jobs.cli import main
 
 

@@ -14,12 +14,12 @@ history of (step, loss) and the held-out accuracy per attribute; batches are a p
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from jobs import synthetic
+from training import synthetic
+from training.schedule import warmup_cosine
 
 LABELS: dict[str, list] = {
     "count": [1, 2, 3], "size": list(synthetic.SIZES), "color": list(synthetic.COLORS),
@@ -55,9 +55,8 @@ def pretrain_vision(tower, pixels: torch.Tensor, truths: list[dict], eval_pixels
     history = []
     window = []
     for step in tqdm(range(steps), desc="vision", disable=not progress, mininterval=5):
-        warm = min(1.0, (step + 1) / 50)
-        for group in opt.param_groups:
-            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:  # warmup over 50 steps; cosine over the whole run
+            group["lr"] = warmup_cosine(step, peak=lr, total=steps, warmup=50, floor=0.05, decay_start=0)
         g = torch.Generator().manual_seed(seed * 7_919 + step)
         idx = torch.randint(len(pixels), (batch_size,), generator=g)
         feats = features(tower, pixels[idx], layer)  # [B, 2D]

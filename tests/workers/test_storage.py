@@ -11,7 +11,7 @@ def _put(fs, path: str, data: bytes) -> None:
 
 
 def test_model_overwritten_in_place_gets_a_fresh_copy(s3, tmp_path):
-    from pipeline.storage import local_copy
+    from workers.storage import local_copy
 
     fs = s3.filesystem()
     bucket = s3.make_bucket("cache-test")

@@ -21,9 +21,8 @@ import pyarrow as pa
 import pytest
 
 from jobs.cli import main
-from pipeline_helpers import png_bytes, processed_inputs, reference_captions, write_shard
+from tests.pipeline_helpers import batch_delay, png_bytes, processed_inputs, reference_captions, write_shard
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 # Recognisable fake credentials: the head's (its jobs read S3 with them) and the submitter's.
 HEAD_SECRET = "HEAD-FAKE-SECRET-7f3a91"
@@ -170,8 +169,9 @@ def test_stop_then_resume_as_a_job(s3, tiny_pair, ray_head, capsys):
 
     bucket_uri, images = _write_input(s3, "jobs-b", shards=3, rows=8, seed=900)
     output = f"{bucket_uri}/out"
-    code, out, err = _cli_out(capsys, ["submit", *_caption_flags(s3, tiny_pair, bucket_uri, output),
-                                       "--debug-batch-delay", "1.5", "--address", ray_head])
+    with batch_delay(1.5):  # travels to the job's actors as a drill variable (workers/drill.py)
+        code, out, err = _cli_out(capsys, ["submit", *_caption_flags(s3, tiny_pair, bucket_uri, output),
+                                           "--address", ray_head])
     assert code == 0, err
     job = out.strip().splitlines()[-1]
     committed = CommittedRows(output, s3.endpoint)

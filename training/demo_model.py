@@ -9,7 +9,7 @@ Contract
 - `target_config()` is the demo target: CLIP vision tower (64 px, 16 px patches -> 16 image tokens)
   and a LLaMA text model of about 16M parameters.
 - `encode_images`, `encode_captions`, `prompt_ids` and `make_batch` turn Parquet rows (see
-  jobs/synthetic.py) into teacher-forcing batches; `greedy_captions` and `evaluate` score a model's
+  training/synthetic.py) into teacher-forcing batches; `greedy_captions` and `evaluate` score a model's
   greedy captions attribute by attribute against the ground truth.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from jobs import synthetic
+from training import synthetic
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
@@ -198,10 +198,12 @@ def evaluate(model, processor, pixel_values: torch.Tensor, truths: list[dict], b
 
 
 def main(argv=None) -> int:
-    """`python -m jobs.demo_model --model DIR --data SHARDS [--images N]`: attribute accuracy of a saved model."""
+    """`python -m training.demo_model --model DIR --data SHARDS [--images N]`: attribute accuracy of a saved model."""
     import argparse
     import json
     import time
+
+    from decoding.loading import DTYPES, canonical_dtype
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--images", type=int, default=500)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", type=canonical_dtype, choices=list(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

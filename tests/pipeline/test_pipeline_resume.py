@@ -13,7 +13,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline_helpers import CLI_SUBPROCESS, cli, png_bytes, write_shard
+from tests import REPO_ROOT
+from workers.drill import BATCH_DELAY_ENV
+from tests.pipeline_helpers import CLI_SUBPROCESS, cli, png_bytes, write_shard
 
 ROWS_PER_SHARD = 16
 SHARDS = 4
@@ -45,9 +47,10 @@ def test_sigkill_driver_then_resume_exactly_once(s3, ray_address, tiny_pair):
     cmd = [sys.executable, *CLI_SUBPROCESS, "caption", "--input", f"{bucket}/in", "--output", output,
            "--target", tiny_pair[0], "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint,
            "--address", ray_address, "--batch-size", str(BATCH), "--max-new-tokens", "8",
-           "--stage-cpus", "0.25", "--cpus-per-actor", "0.5", "--debug-batch-delay", "0.4"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+           "--stage-cpus", "0.25", "--cpus-per-actor", "0.5"]
+    env = dict(os.environ, **{BATCH_DELAY_ENV: "0.4"})  # actors sleep after each batch (workers/drill.py)
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                              cwd=REPO_ROOT)
     t0 = time.time()
     deadline = t0 + 180
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline.schema import output_schema
-from pipeline_helpers import (corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
+from workers.schema import output_schema
+from tests.pipeline_helpers import (corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
                               reference_captions, truncated_bytes)
 from workers.preprocess import ImageRejected, Preprocessor, decode_image
 

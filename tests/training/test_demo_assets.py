@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import demo_model, synthetic
+from training import demo_model, synthetic
 from jobs.cli import main
+from tests import REPO_ROOT
 
-DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-pair"
+DEMO = REPO_ROOT / "assets" / "demo-pair"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_demo_pair_loads_offline_and_captions(monkeypatch):
 
 
 def test_vision_pretraining_reduces_loss(processor):
-    from jobs.vision_pretrain import label_tensor, pretrain_vision
+    from training.vision_pretrain import label_tensor, pretrain_vision
 
     rows = [synthetic.make_example(2, i) for i in range(48)]
     pixels = demo_model.encode_images(processor, [r["image"] for r in rows])

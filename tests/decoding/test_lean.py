@@ -1,5 +1,4 @@
 """The lean draft forward (decoding/lean.py) gives the transformers forward's logits and cache."""
-import copy
 
 import pytest
 import torch

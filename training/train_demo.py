@@ -1,12 +1,12 @@
 """Train the demo target LLaVA from scratch on synthetic caption shards (teacher forcing).
 
-    python -m jobs.train_demo --data runs/data/train --eval-data runs/data/heldout \
+    python -m training.train_demo --data runs/data/train --eval-data runs/data/heldout \
         --output assets/demo-pair/target --work-dir runs/train_demo --steps 900
 
 Contract
-- Builds the processor and the ~16M-parameter LLaMA target of jobs/demo_model.py.
+- Builds the processor and the ~16M-parameter LLaMA target of training/demo_model.py.
   Stage 1 (--vision-steps): the CLIP tower is pretrained on the scene attributes (see
-  jobs/vision_pretrain.py for why). Stage 2 (--steps): every weight is trained with AdamW on caption
+  training/vision_pretrain.py for why). Stage 2 (--steps): every weight is trained with AdamW on caption
   tokens only (the tower at --vision-lr-scale of the learning rate).
 - Batches are a pure function of (seed, step), so a run killed at any point and restarted with the
   same arguments resumes from `<work-dir>/checkpoint` (safetensors + JSON) and makes the same model.
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
+
+from decoding.loading import DTYPES, canonical_dtype
+from training.schedule import warmup_cosine
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-eval-images", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    p.add_argument("--save-dtype", type=canonical_dtype, choices=list(DTYPES), default="float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vision-steps", type=int, default=2000, help="stage 1: attribute pretraining of the tower")
     p.add_argument("--vision-lr", type=float, default=1.5e-3)
@@ -55,14 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def lr_at(step: int, args) -> float:
     """Linear warmup, then cosine decay to 10% of --lr at --steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, peak=args.lr, total=args.steps, warmup=args.warmup, floor=0.1)
 
 
 def load_split(processor, path: str, limit: int | None):
-    from jobs import demo_model, synthetic
+    from training import demo_model, synthetic
 
     table = synthetic.read_rows(path, limit=limit)
     pixels = demo_model.encode_images(processor, table.column("image").to_pylist())  # [N, 3, H, W]
@@ -71,10 +70,10 @@ def load_split(processor, path: str, limit: int | None):
 
 
 def pretrain_tower(model, pixels, truths, eval_pixels, eval_truths, args, work: Path) -> dict:
-    """Stage 1 (jobs/vision_pretrain.py), cached in <work-dir>/vision.safetensors + vision.json."""
+    """Stage 1 (training/vision_pretrain.py), cached in <work-dir>/vision.safetensors + vision.json."""
     from safetensors.torch import load_file, save_file
 
-    from jobs.vision_pretrain import pretrain_vision
+    from training.vision_pretrain import pretrain_vision
 
     tower = model.model.vision_tower
     weights, report = work / "vision.safetensors", work / "vision.json"
@@ -99,7 +98,7 @@ def pretrain_tower(model, pixels, truths, eval_pixels, eval_truths, args, work: 
 def main(argv=None) -> int:
     from tqdm import tqdm
 
-    from jobs import checkpoint, demo_model, synthetic
+    from training import checkpoint, demo_model, synthetic
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from jobs.cli import build_parser, main, subcommands
-from pipeline.schema import output_schema
+from tests import REPO_ROOT
+from workers.schema import output_schema
 
 ROWS = [  # id, caption, status, error, new_tokens, target_forwards, accepted_lengths
     ("a", "a red circle", "ok", None, 7, 3, [3, 3]),
@@ -154,9 +155,8 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_example_configs_parse():
-    from pathlib import Path
     from jobs.cli import apply_config
-    examples = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs", "examples").glob("*.yaml"))
+    examples = sorted(REPO_ROOT.joinpath("jobs", "examples").glob("*.yaml"))
     assert examples
     for path in examples:
         command = path.stem.split("-")[0]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline_helpers import (cli, corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
+from tests.pipeline_helpers import (cli, corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
                               reference_captions, truncated_bytes, write_shard)
 
 MAX_NEW = 8

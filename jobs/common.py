@@ -1,0 +1,148 @@
+"""What the `specllava` commands share: the user-error type, the demo pair's place, the dtype
+flag, and the options of `caption` (which `submit` and `resume --submit` reuse).
+
+One home for each of these facts: the command modules import them from here, never from each
+other (so `caption` and `submit` do not import one another).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_PAIR_DIR = "assets/demo-pair"            # relative to the project (a job's working_dir too)
+DEMO_PAIR = PROJECT_ROOT / DEMO_PAIR_DIR       # target/ and draft/ of the shipped demo pair
+
+
+class UserError(Exception):
+    """An error the user can fix (bad argument, missing path): printed as one line, exit code 2."""
+
+
+# --- models ---------------------------------------------------------------------------------
+
+def default_model(role: str) -> str:
+    """The demo pair's `role` ("target" or "draft") directory, or a UserError saying what to pass."""
+    path = DEMO_PAIR / role
+    if not (path / "config.json").exists():
+        raise UserError(f"no --{role} given and the demo pair is missing ({path}); "
+                        f"pass --target DIR and --draft DIR (local dirs or s3:// prefixes)")
+    return str(path)
+
+
+def relocated_demo_model(path: str | None, role: str) -> str | None:
+    """A run that used the demo pair from another copy of the project (a Ray job's working_dir,
+    gone after the job) resumes with this copy's demo pair; the weights hash in _run.json still
+    has to match, so this can never mix models."""
+    if path and "://" not in path and not Path(path).exists() and Path(path).parts[-3:] == \
+            (*Path(DEMO_PAIR_DIR).parts[-2:], role):
+        return str(DEMO_PAIR / role)
+    return path
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_dtype_argument(p, flag: str = "--dtype", *, default: str, auto: bool = False, help: str = "") -> None:
+    """A dtype flag in the one vocabulary of decoding.loading (float32, bfloat16, float16; fp32,
+    bf16, fp16 accepted as aliases; `auto` where the device decides)."""
+    from decoding.loading import DTYPES, canonical_dtype
+
+    choices = (["auto"] if auto else []) + list(DTYPES)
+    p.add_argument(flag, type=canonical_dtype, choices=choices, default=default,
+                   metavar="{" + ",".join(choices) + "}", help=help or None)
+
+
+# --- caption options ------------------------------------------------------------------------
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """`--actors N` or `MIN,MAX` as (min, max)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise UserError(f"--actors takes N or MIN,MAX, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise UserError(f"--actors takes N or MIN,MAX, got {text!r}")
+
+
+TREE_FLAGS = {"tree_top_k": "top_k", "tree_frontier": "frontier", "tree_depth": "max_depth",
+              "tree_nodes": "max_nodes", "tree_threshold": "threshold"}
+
+
+def tree_options(args) -> dict:
+    """The decoding.TreeConfig fields given as --tree-* flags."""
+    return {field: getattr(args, arg) for arg, field in TREE_FLAGS.items() if getattr(args, arg) is not None}
+
+
+def add_caption_arguments(p, *, address: bool = True) -> None:
+    """The options of `caption` (shared with `submit`, which runs `caption` as a Ray job)."""
+    p.add_argument("--input", required=True, help="Parquet shards: local dir/file or s3://bucket/prefix")
+    p.add_argument("--output", required=True, help="output dir or s3:// prefix (data/, _checkpoint/, _run.json)")
+    p.add_argument("--target", help=f"target LLaVA checkpoint dir or s3:// prefix (default: {DEMO_PAIR_DIR}/target)")
+    p.add_argument("--draft", help=f"draft LLaVA checkpoint dir or s3:// prefix (default: {DEMO_PAIR_DIR}/draft)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
+                   "(credentials come from the usual AWS env/config, never from flags)")
+    p.add_argument("--id-column", default="id", help="unique id column (default: id)")
+    images = p.add_mutually_exclusive_group()
+    images.add_argument("--image-column", default="image", help="column of image bytes (default: image)")
+    images.add_argument("--image-uri-column", help="column of image URIs (s3://... or paths) instead of bytes")
+    p.add_argument("--prompt", help="prompt for rows without a 'prompt' column value")
+    p.add_argument("--actors", default="1", help="caption actors: N or MIN,MAX (autoscaling; default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="default 1")
+    p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "
+                   "(default 0.5)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the target's output "
+                   "(default 0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed per actor (temperature > 0)")
+    add_dtype_argument(p, default="auto", auto=True, help="auto: float16 on GPU, float32 on CPU")
+    p.add_argument("--tree-top-k", type=int, help="children per expanded draft node (default 4)")
+    p.add_argument("--tree-frontier", type=int, help="nodes expanded per draft level (default 4)")
+    p.add_argument("--tree-depth", type=int, help="draft levels per step (default 6)")
+    p.add_argument("--tree-nodes", type=int, help="tree size verified per step (default 24)")
+    p.add_argument("--tree-threshold", type=float, help="drop children below this draft probability "
+                   "(default 0.05)")
+    add_progress_argument(p)
+    if address:
+        p.add_argument("--address", help="existing Ray cluster ('auto' or HOST:PORT; default: a local Ray "
+                       "started on demand)")
+
+
+def add_progress_argument(p) -> None:
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines when "
+                   "output is not a terminal (Ray jobs, logs); 0 = none (default 10)")
+
+
+# --- Ray jobs -------------------------------------------------------------------------------
+
+def default_address() -> str:
+    """The Ray dashboard the job commands talk to."""
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
+
+
+def add_address_argument(p) -> None:
+    p.add_argument("--address", default=None, help="Ray dashboard address "
+                   "(default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+
+
+def add_job_arguments(p, *, address: bool = True) -> None:
+    """Options of commands that submit a Ray job (`submit`, `resume --submit`)."""
+    if address:
+        add_address_argument(p)
+    p.add_argument("--working-dir", default=str(PROJECT_ROOT), help="directory uploaded as the job's "
+                   "working_dir (default: this project); 'none' when the cluster has specllava installed")
+    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    p.add_argument("--submission-id", help="job id to use (default: Ray generates one)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
+                   help="CPUs reserved for the job's driver (default 0)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
+
+

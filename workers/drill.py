@@ -1,0 +1,55 @@
+"""Fault-drill hooks for the caption actor, for tests only; a production run never sets them.
+
+The fault suite kills actors and drivers mid-batch and counts re-decodes. It needs two things
+from the caption actor, given as environment variables so that they never pass through a
+user-facing option or `CaptionConfig` (and never land in `_run.json`):
+
+    SPECLLAVA_DRILL_LOG=/path/file.jsonl   append one JSON line per event: "init" once the models
+                                           are loaded, "start" and "return" per batch, each with
+                                           the actor's pid, a timestamp and the batch's ids
+    SPECLLAVA_DRILL_BATCH_DELAY=SECONDS    sleep after each batch (so a kill lands mid-run)
+
+Ray actors do not see variables set in the driver after Ray started, so the pipeline passes
+`drill_env()` to the caption stage's runtime_env, and `specllava submit` to the job's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+LOG_ENV = "SPECLLAVA_DRILL_LOG"
+BATCH_DELAY_ENV = "SPECLLAVA_DRILL_BATCH_DELAY"
+
+
+def drill_env() -> dict[str, str]:
+    """The drill variables set in this process (empty in production)."""
+    return {name: os.environ[name] for name in (LOG_ENV, BATCH_DELAY_ENV) if os.environ.get(name)}
+
+
+class Drill:
+    """The hooks as the actor sees them: `event(...)` and `after_batch()` do nothing unless set."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        env = os.environ if env is None else env
+        self.log_path = env.get(LOG_ENV) or None
+        self.batch_delay_s = float(env.get(BATCH_DELAY_ENV) or 0.0)
+
+    @property
+    def wants_ids(self) -> bool:
+        return self.log_path is not None
+
+    def event(self, event: str, ids: list | None = None) -> None:
+        if not self.log_path:
+            return
+        line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), "ids": ids}) + "\n"
+        # One O_APPEND write per line: lines from concurrent actors do not interleave.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def after_batch(self) -> None:
+        if self.batch_delay_s:
+            time.sleep(self.batch_delay_s)
