@@ -20,7 +20,7 @@ def test_bench_quick_json(tmp_path, capsys):
     assert main(["bench", "--quick", "--json", "--chart", str(chart)]) == 0
     out = capsys.readouterr().out
     report = json.loads(out)                      # exactly one JSON object, nothing else on stdout
-    assert isinstance(report["device"], str) and report["dtype"] == "fp32"
+    assert isinstance(report["device"], str) and report["dtype"] == "float32"  # the one dtype vocabulary
     methods = {(r["method"], r["batch_size"]) for r in report["runs"]}
     assert methods == {("target_greedy", 1), ("hf_assisted", 1), ("static_tree", 1), ("dynamic_tree", 1),
                        ("target_greedy", 2), ("static_tree", 2), ("dynamic_tree", 2)}
