@@ -50,9 +50,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from training import synthetic
-    from training.distill import DistillConfig, DistillError, distill
+    from training.distill import DistillConfig, DistillError, check_target, distill
     from workers.storage import resolve
 
+    try:
+        check_target(args.target)  # the cheap checks first, before any image is read
+    except DistillError as exc:
+        raise UserError(str(exc)) from None
     if args.steps < 1 or args.batch_size < 1 or args.heldout_images < 0:
         raise UserError("--steps and --batch-size must be >= 1, --heldout-images >= 0")
     try:

@@ -173,6 +173,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_target(path: str) -> None:
+    """DistillError unless `path` looks like a save_pretrained model directory."""
+    if not (Path(path) / "config.json").exists():
+        raise DistillError(f"--target {path} has no config.json (expected a save_pretrained directory)")
+
+
 def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     """Distil a draft from `cfg.target` on `images` (encoded image bytes); returns the statistics
     written to `<output>/distill_stats.json`. Raises DistillError for problems the caller can fix."""
@@ -187,8 +193,7 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if not (Path(cfg.target) / "config.json").exists():
-        raise DistillError(f"--target {cfg.target} has no config.json (expected a save_pretrained directory)")
+    check_target(cfg.target)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.heldout_images < 0:
         raise DistillError("--steps and --batch-size must be >= 1, --heldout-images >= 0")
     device = torch.device(cfg.device)
