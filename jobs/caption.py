@@ -36,7 +36,8 @@ def run_caption_command(args) -> int:
     try:
         config = CaptionConfig(
             input=args.input, output=args.output,
-            target=args.target or default_model("target"), draft=args.draft or default_model("draft"),
+            target=args.target or (None if args.dry_run else default_model("target")),
+            draft=args.draft or (None if args.dry_run else default_model("draft")),
             s3_endpoint=args.s3_endpoint, id_column=args.id_column,
             image_column=None if args.image_uri_column else args.image_column,
             image_uri_column=args.image_uri_column,
@@ -45,7 +46,8 @@ def run_caption_command(args) -> int:
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor, stage_cpus=args.stage_cpus, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            seed=args.seed, tree=tree_options(args), dtype=args.dtype, address=args.address)
+            seed=args.seed, tree=tree_options(args), dtype=args.dtype, address=args.address,
+            commit_rows=args.commit_rows, dry_run=args.dry_run)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
     return _run(config, args.progress_every, debug=getattr(args, "debug", False))

@@ -82,7 +82,7 @@ def tree_options(args) -> dict:
 def add_caption_arguments(p, *, address: bool = True) -> None:
     """The options of `caption` (shared with `submit`, which runs `caption` as a Ray job)."""
     p.add_argument("--input", required=True, help="Parquet shards: local dir/file or s3://bucket/prefix")
-    p.add_argument("--output", required=True, help="output dir or s3:// prefix (data/, _checkpoint/, _run.json)")
+    p.add_argument("--output", required=True, help="output dir or s3:// prefix (data/, _plan.parquet, _run.json)")
     p.add_argument("--target", help=f"target LLaVA checkpoint dir or s3:// prefix (default: {DEMO_PAIR_DIR}/target)")
     p.add_argument("--draft", help=f"draft LLaVA checkpoint dir or s3:// prefix (default: {DEMO_PAIR_DIR}/draft)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
@@ -98,6 +98,13 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "
                    "(default 0.5)")
     p.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
+    from pipeline.config import DEFAULT_COMMIT_ROWS
+
+    p.add_argument("--commit-rows", type=int, default=DEFAULT_COMMIT_ROWS,
+                   help=f"rows per committed output file, independent of --batch-size: a kill loses at most "
+                   f"the units in flight (default {DEFAULT_COMMIT_ROWS:,})")
+    p.add_argument("--dry-run", action="store_true", help="read, decode and check every image, commit and "
+                   "write ok/error rows with empty captions; no model (size a dataset, find bad images)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the target's output "
                    "(default 0)")

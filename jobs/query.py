@@ -50,21 +50,20 @@ def add_parser(subparsers) -> None:
 def open_output(output: str, s3_endpoint: str | None = None):
     """The output table as a pyarrow dataset (UserError if there is none)."""
     import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
 
+    from pipeline.commit import committed_units, unit_name
     from pipeline.layout import DATA_DIR
     from workers import storage
 
     try:
         fs, root = storage.resolve(output, s3_endpoint)
         data = f"{root.rstrip('/')}/{DATA_DIR}"
-        files = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(data, recursive=True,
-                                                                          allow_not_found=True))
-                       if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
+        # Committed units only (one listing): never a temporary or a foreign file.
+        files = [f"{data}/{unit_name(u)}" for u in sorted(committed_units(fs, data))]
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {output}: {' '.join(str(exc).split())[:300]}") from None
     if not files:
-        raise UserError(f"{output} has no output table (no {output.rstrip('/')}/{DATA_DIR}/*.parquet); "
+        raise UserError(f"{output} has no output table (no {output.rstrip('/')}/{DATA_DIR}/unit-*.parquet); "
                         "is it the --output of a caption run?")
     return pads.dataset(files, filesystem=fs, format="parquet")
 

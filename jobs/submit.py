@@ -122,7 +122,10 @@ def caption_argv(args: argparse.Namespace) -> list[str]:
             continue
         if action.dest in ("input", "output", "target", "draft"):
             value = _absolute(value)
-        argv += [action.option_strings[0], str(value)]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], str(value)]
     return argv
 
 
@@ -176,13 +179,30 @@ def wait_for(jobs, submission_id: str, states, timeout_s: float | None = None, p
         time.sleep(poll_s)
 
 
+def check_output_free(output: str, s3_endpoint: str | None) -> None:
+    """Refuse (exit 2) before submitting when a live writer holds the output (pipeline/lease.py).
+    The job's own driver takes the lease when it starts."""
+    from pipeline.lease import LeaseHeld, check_free
+    from workers.storage import resolve
+
+    try:
+        fs, root = resolve(output, s3_endpoint)
+        check_free(fs, root, output)
+    except LeaseHeld as exc:
+        raise UserError(str(exc)) from None
+    except (OSError, ValueError):
+        return  # an unreadable output is the job's to report (pre-flight checks run there)
+
+
 def submit_command(args) -> int:
     parse_actors(args.actors)  # validate cheap things here, not minutes later on the cluster
+    check_output_free(args.output, args.s3_endpoint)
     return submit_job(args, ["caption", *caption_argv(args)], {"output": args.output},
-                      needs_demo_pair=not (args.target and args.draft))
+                      needs_demo_pair=not (args.dry_run or (args.target and args.draft)))
 
 
 def submit_resume(args) -> int:
+    check_output_free(args.output, args.s3_endpoint)
     command = ["resume", args.output]
     if args.s3_endpoint:
         command += ["--s3-endpoint", args.s3_endpoint]

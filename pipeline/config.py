@@ -8,7 +8,8 @@ from workers.preprocess import DEFAULT_PROMPT
 # Fields that must be equal when a run continues an existing output: changing any of them
 # would mix captions of different inputs, prompts, decoding options or weights in one table.
 IDENTITY_FIELDS = ("input", "id_column", "image_column", "image_uri_column", "prompt",
-                   "max_new_tokens", "temperature", "top_p", "seed")
+                   "max_new_tokens", "temperature", "top_p", "seed", "commit_rows", "dry_run")
+DEFAULT_COMMIT_ROWS = 5000
 
 
 class PipelineError(ValueError):
@@ -19,8 +20,8 @@ class PipelineError(ValueError):
 class CaptionConfig:
     input: str
     output: str
-    target: str
-    draft: str
+    target: str | None = None        # model dirs; not needed (and ignored) for a dry run
+    draft: str | None = None
     s3_endpoint: str | None = None
     id_column: str = "id"
     image_column: str | None = "image"
@@ -39,6 +40,8 @@ class CaptionConfig:
     tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
     dtype: str = "auto"
     address: str | None = None       # existing Ray cluster; None = the current or a new local one
+    commit_rows: int = DEFAULT_COMMIT_ROWS  # rows per committed output file (the unit a kill can lose)
+    dry_run: bool = False            # read, decode and check images, commit and write; no model
 
     def __post_init__(self):
         if self.image_uri_column is not None:
@@ -47,7 +50,9 @@ class CaptionConfig:
             raise PipelineError("give an image column or an image URI column")
         if not 1 <= self.actors_min <= self.actors_max:
             raise PipelineError(f"--actors needs 1 <= MIN <= MAX, got {self.actors_min},{self.actors_max}")
-        for name in ("batch_size", "max_new_tokens"):
+        if not self.dry_run and not (self.target and self.draft):
+            raise PipelineError("a caption run needs --target and --draft (only --dry-run runs without models)")
+        for name in ("batch_size", "max_new_tokens", "commit_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")

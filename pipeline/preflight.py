@@ -35,8 +35,10 @@ def check_run(config: CaptionConfig) -> None:
     """Everything checkable before the input is read: no credentials in a path, the models,
     then the output location."""
     for option in ("input", "output", "target", "draft"):
-        check_no_credentials(option, getattr(config, option))
-    check_models(config.target, config.draft, config.s3_endpoint)
+        if getattr(config, option):
+            check_no_credentials(option, getattr(config, option))
+    if not config.dry_run:
+        check_models(config.target, config.draft, config.s3_endpoint)
     check_output_location(config.output, config.s3_endpoint)
 
 

@@ -1,12 +1,13 @@
-"""Progress of a caption run, read from its committed checkpoint: one line every N seconds.
+"""Progress of a caption run, read from its committed units: one line every N seconds.
 
 Ray Data's progress bars need a terminal; in a Ray job's log or a redirected file, the caption
 command prints instead
 
     progress: 1,234/10,000 rows committed (12.3%), 41.2 rows/s this run, ETA 3m33s
 
-counting rows in OUTPUT/_checkpoint/*.parquet (committed files only: Ray renames
-*.pending.parquet on commit), so the number is exactly what a resume would skip.
+counting committed units (one listing of OUTPUT/data; a unit's row count follows from its
+index and the plan's unit size in _run.json), so the number is exactly what a resume would skip
+and the cost of a line grows with units, never with rows.
 """
 from __future__ import annotations
 
@@ -14,43 +15,40 @@ import posixpath
 import threading
 import time
 
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-
-from workers import storage
+from pipeline.commit import committed_units
+from pipeline.layout import DATA_DIR
 from pipeline.manifest import read_manifest
-from pipeline.layout import CHECKPOINT_DIR
+from pipeline.plan import unit_rows
+from workers import storage
 
 
 class CommittedRows:
-    """Counts rows in committed checkpoint files; each file's footer is read once."""
+    """Rows in committed units of an output (0 until the run's _run.json names its units)."""
 
     def __init__(self, output: str, s3_endpoint: str | None = None):
         self.output, self.s3_endpoint = output, s3_endpoint
         self.fs, root = storage.resolve(output, s3_endpoint)
-        self.path = posixpath.join(root, CHECKPOINT_DIR)
-        self._rows: dict[str, int] = {}
+        self.path = posixpath.join(root, DATA_DIR)
+        self._input: dict | None = None
+
+    def _plan(self) -> dict | None:
+        if self._input is None:
+            try:
+                self._input = (read_manifest(self.output, self.s3_endpoint) or {}).get("input") or None
+            except (OSError, ValueError):
+                return None
+        return self._input
 
     def count(self) -> int:
-        selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
-        files = [e.path for e in self.fs.get_file_info(selector)
-                 if e.type == pafs.FileType.File and e.path.endswith(".parquet")
-                 and not e.path.endswith(".pending.parquet")]
-        for path in files:
-            if path not in self._rows:
-                try:
-                    self._rows[path] = pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
-                except OSError:
-                    continue  # renamed or deleted under us; counted next time
-        live = set(files)
-        return sum(n for path, n in self._rows.items() if path in live)
+        plan = self._plan()
+        if not plan or not plan.get("commit_rows"):
+            return 0
+        return sum(unit_rows(u, plan["rows"], plan["commit_rows"]) for u in committed_units(self.fs, self.path))
 
     def total(self) -> int | None:
-        """Input rows, from _run.json (written once the input is scanned)."""
-        try:
-            return (read_manifest(self.output, self.s3_endpoint) or {}).get("input", {}).get("rows")
-        except (OSError, ValueError):
-            return None
+        """Input rows, from _run.json (written once the input is planned)."""
+        plan = self._plan()
+        return plan.get("rows") if plan else None
 
 
 def _duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ import torch
 from decoding.loading import load_llava, parse_dtype  # safetensors only; refuses remote code and pickle
 from workers import storage
 from workers.drill import Drill
-from workers.schema import OUTPUT_FIELDS, STATUS_OK, output_schema
+from workers.schema import OUTPUT_FIELDS, STATUS_OK, carry_row_index, output_schema
 
 
 class CaptionWorker:
@@ -128,7 +128,7 @@ class CaptionWorker:
         id_col = batch.column(self.id_column).combine_chunks()
         schema = output_schema(self.id_column, id_col.type)
         arrays = [id_col] + [pa.array(columns[f.name], f.type) for f in OUTPUT_FIELDS]
-        return pa.Table.from_arrays(arrays, schema=schema)
+        return carry_row_index(pa.Table.from_arrays(arrays, schema=schema), batch)
 
     def _pixel_shape(self, width: int) -> tuple[int, int, int]:
         vision = self.target.config.vision_config

@@ -16,7 +16,8 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from workers import storage
-from workers.schema import STATUS_ERROR, STATUS_OK, one_line, preprocessed_schema
+from workers.schema import (OUTPUT_FIELDS, STATUS_ERROR, STATUS_OK, carry_row_index, one_line, output_schema,
+                            preprocessed_schema)
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -94,7 +95,62 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class Preprocessor:
+class ImageSource:
+    """A row's image: bytes from `image_column`, or an object fetched from `image_uri_column`;
+    `image(batch, i)` decodes and validates it (ImageRejected and friends for a bad one)."""
+
+    def __init__(self, *, id_column: str = "id", image_column: str | None = "image",
+                 image_uri_column: str | None = None, s3_endpoint: str | None = None,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float = DEFAULT_MAX_ASPECT):
+        if (image_column is None) == (image_uri_column is None):
+            raise ValueError("give exactly one of image_column and image_uri_column")
+        self.id_column = id_column
+        self.image_column = image_column
+        self.image_uri_column = image_uri_column
+        self.s3_endpoint = s3_endpoint
+        self.limits = dict(max_bytes=max_image_bytes, max_pixels=max_pixels, max_aspect=max_aspect)
+        self._filesystems: dict = {}
+
+    def image(self, batch: pa.Table, i: int) -> Image.Image:
+        return decode_image(self._image_bytes(batch, i), **self.limits)
+
+    def _image_bytes(self, batch: pa.Table, i: int) -> bytes | None:
+        if self.image_column is not None:
+            return batch.column(self.image_column)[i].as_py()
+        uri = batch.column(self.image_uri_column)[i].as_py()
+        if not uri:
+            raise ImageRejected("empty image URI")
+        try:
+            return storage.fetch_bytes(uri, self.s3_endpoint, self.limits["max_bytes"], self._filesystems)
+        except FileNotFoundError as exc:
+            raise ImageRejected(f"missing image object: {uri}") from exc
+
+
+class ImageChecker(ImageSource):
+    """`caption --dry-run`'s only stage: every image decoded and checked as for captioning (same
+    rules, same error messages), no model. Returns output-table rows: status ok with an empty
+    caption, or error with the reason; decoding statistics stay null."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        status, errors = [], []
+        for i in range(n):
+            try:
+                self.image(batch, i)
+            except Exception as exc:  # noqa: BLE001 - any failure is this row's error (see Preprocessor)
+                status.append(STATUS_ERROR)
+                errors.append(one_line(exc))
+                continue
+            status.append(STATUS_OK)
+            errors.append(None)
+        id_col = batch.column(self.id_column).combine_chunks()
+        columns = {"caption": ["" if s == STATUS_OK else None for s in status], "status": status, "error": errors}
+        arrays = [id_col] + [pa.array(columns.get(f.name, [None] * n), f.type) for f in OUTPUT_FIELDS]
+        return carry_row_index(pa.Table.from_arrays(arrays, schema=output_schema(self.id_column, id_col.type)), batch)
+
+
+class Preprocessor(ImageSource):
     """Decode images and run the target's processor.
 
     Args:
@@ -106,26 +162,16 @@ class Preprocessor:
         s3_endpoint: for s3:// URIs and an s3:// target.
     """
 
-    def __init__(self, target: str, *, id_column: str = "id", image_column: str | None = "image",
-                 image_uri_column: str | None = None, prompt: str = DEFAULT_PROMPT,
-                 prompt_column: str | None = None, s3_endpoint: str | None = None,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_aspect: float = DEFAULT_MAX_ASPECT):
+    def __init__(self, target: str, *, prompt: str = DEFAULT_PROMPT, prompt_column: str | None = None,
+                 s3_endpoint: str | None = None, **image_options):
         from transformers import AutoProcessor
 
-        if (image_column is None) == (image_uri_column is None):
-            raise ValueError("give exactly one of image_column and image_uri_column")
-        self.id_column = id_column
-        self.image_column = image_column
-        self.image_uri_column = image_uri_column
+        super().__init__(s3_endpoint=s3_endpoint, **image_options)
         self.prompt = prompt
         self.prompt_column = prompt_column
-        self.s3_endpoint = s3_endpoint
-        self.limits = dict(max_bytes=max_image_bytes, max_pixels=max_pixels, max_aspect=max_aspect)
         self.processor = AutoProcessor.from_pretrained(storage.local_copy(target, s3_endpoint, skip_weights=True))
         if not getattr(self.processor, "chat_template", None):
             raise ValueError(f"the target's processor at {target} has no chat template")
-        self._filesystems: dict = {}
         probe = self.encode(Image.new("RGB", (32, 32)), prompt)
         self.pixel_shape = tuple(probe[1].shape)  # [C, H, W]
         self.pixel_size = int(np.prod(self.pixel_shape))
@@ -139,17 +185,6 @@ class Preprocessor:
         out = self.processor(images=[image], text=[self.render(prompt)], return_tensors="np")
         return out["input_ids"][0].astype(np.int32), out["pixel_values"][0].astype(np.float32)
 
-    def _image_bytes(self, batch: pa.Table, i: int) -> bytes | None:
-        if self.image_column is not None:
-            return batch.column(self.image_column)[i].as_py()
-        uri = batch.column(self.image_uri_column)[i].as_py()
-        if not uri:
-            raise ImageRejected("empty image URI")
-        try:
-            return storage.fetch_bytes(uri, self.s3_endpoint, self.limits["max_bytes"], self._filesystems)
-        except FileNotFoundError as exc:
-            raise ImageRejected(f"missing image object: {uri}") from exc
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         prompts = (batch.column(self.prompt_column).to_pylist() if self.prompt_column
@@ -158,7 +193,7 @@ class Preprocessor:
         pixels = np.zeros((n, self.pixel_size), dtype=np.float32)
         for i in range(n):
             try:
-                image = decode_image(self._image_bytes(batch, i), **self.limits)
+                image = self.image(batch, i)
                 ids, pix = self.encode(image, prompts[i] or self.prompt)
             # A row's image bytes can make Pillow (or the processor) fail in many ways
             # (OSError, SyntaxError, struct.error, ...): all of them are this row's error.
@@ -174,8 +209,9 @@ class Preprocessor:
         id_col = batch.column(self.id_column).combine_chunks()
         schema = preprocessed_schema(self.id_column, id_col.type, self.pixel_size)
         pixel_col = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), self.pixel_size)
-        return pa.Table.from_arrays(
+        out = pa.Table.from_arrays(
             [id_col, pa.array(status), pa.array(errors, pa.string()),
              pa.array(input_ids, pa.list_(pa.int32())), pixel_col],
             schema=schema,
         )
+        return carry_row_index(out, batch)

@@ -1,10 +1,11 @@
 """Column contracts between the pipeline stages, and the output table's schema.
 
-Stage contracts (every stage keeps the id column untouched: Ray Data's checkpointing keys on it):
+Stage contracts (every stage keeps the id column untouched, and passes `ROW_COLUMN` through
+when its input has it: the driver commits rows by that global row index):
 - read → preprocess: `id`, `image` (binary) or an image-URI column (string), optional `prompt`.
-- preprocess → worker (`PREPROCESSED_COLUMNS`): id, status, error, input_ids (list<int32>, not
+- preprocess → worker (`preprocessed_schema`): id, status, error, input_ids (list<int32>, not
   padded), pixel_values (fixed-size list<float32> of C*H*W, zeros for error rows).
-- worker → write: the output table below, one row per input row.
+- worker → commit: the output table below, one row per input row.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pyarrow as pa
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# The row's index in the run's global input order (shards in name order, rows in file order).
+# Internal: carried from the reader to the driver's commit, never written to the output table.
+ROW_COLUMN = "_row"
 
 # Output columns after the id column, in order.
 OUTPUT_FIELDS: list[pa.Field] = [
@@ -41,6 +45,13 @@ def preprocessed_schema(id_column: str, id_type: pa.DataType, pixel_size: int) -
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("pixel_values", pa.list_(pa.float32(), pixel_size)),
     ])
+
+
+def carry_row_index(out: pa.Table, source: pa.Table) -> pa.Table:
+    """`out` with `source`'s ROW_COLUMN appended, when `source` has one (row i of out is row i of source)."""
+    if ROW_COLUMN in source.column_names and ROW_COLUMN not in out.column_names:
+        return out.append_column(ROW_COLUMN, source.column(ROW_COLUMN))
+    return out
 
 
 def one_line(exc: BaseException | str, limit: int = 300) -> str:

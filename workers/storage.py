@@ -39,6 +39,26 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
     return pafs.S3FileSystem(**kwargs)
 
 
+IO_RETRY_DELAYS_S = (1, 2, 4, 8, 16)  # after pyarrow's own attempts: rides out ~30 s of store outage
+
+
+def retry_io(fn, *args, delays=IO_RETRY_DELAYS_S, **kwargs):
+    """`fn(*args, **kwargs)`, retried on OSError (a store away for a while) after each of `delays`
+    seconds; the last error is raised. For whole operations that are safe to repeat (a read, an
+    idempotent write of a complete object). FileNotFoundError is not retried."""
+    import time
+
+    for delay in (*delays, None):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if delay is None:
+                raise
+            time.sleep(delay)
+
+
 def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or an s3://bucket/prefix URI."""
     if is_s3(uri):

@@ -33,11 +33,14 @@ def output(tmp_path):
             cols[name].append(row[name])
     (tmp_path / "data").mkdir()
     table = pa.Table.from_pydict(cols, schema=schema)
-    pq.write_table(table.slice(0, 2), tmp_path / "data" / "part-0.parquet")
-    pq.write_table(table.slice(2), tmp_path / "data" / "part-1.parquet")
-    (tmp_path / "_checkpoint").mkdir()  # names starting with '_' are not part of the table
-    pq.write_table(pa.table({"id": ["zzz"]}), tmp_path / "_checkpoint" / "x.parquet")
-    manifest = {"status": "finished", "input": {"rows": 4},
+    pq.write_table(table.slice(0, 2), tmp_path / "data" / "unit-00000000.parquet")
+    pq.write_table(table.slice(2), tmp_path / "data" / "unit-00000001.parquet")
+    # Never part of the table: a commit in progress (hidden temporary), a file not named as a unit,
+    # and anything outside data/.
+    pq.write_table(table.slice(0, 1), tmp_path / "data" / ".unit-00000002.parquet.tmp77")
+    pq.write_table(table.slice(0, 1), tmp_path / "data" / "orphan.parquet")
+    pq.write_table(pa.table({"id": ["zzz"]}), tmp_path / "_plan.parquet")
+    manifest = {"status": "finished", "input": {"rows": 4, "commit_rows": 2},
                 "runs": [{"rows": 4, "new_tokens": 20, "wall_s": 2.0}, {"status": "failed"}]}
     (tmp_path / "_run.json").write_text(json.dumps(manifest))
     return str(tmp_path)
@@ -169,17 +172,14 @@ def test_example_configs_parse():
 
 # --- progress lines (pipeline/progress.py) ---------------------------------------------------
 
-def test_committed_rows_count_only_committed_checkpoint_files(output):
+def test_committed_rows_count_only_committed_units(output):
     from pathlib import Path
 
     from pipeline.progress import CommittedRows, progress_line
 
-    ckpt = Path(output) / "_checkpoint"
-    pq.write_table(pa.table({"id": ["p", "q"]}), ckpt / "y.parquet")
-    pq.write_table(pa.table({"id": ["r", "s", "t"]}), ckpt / "z.pending.parquet")  # not committed yet
     counter = CommittedRows(output)
-    assert counter.count() == 3 and counter.total() == 4  # x (1 row) + y (2 rows); input rows from _run.json
-    (ckpt / "y.parquet").unlink()
-    assert counter.count() == 1  # a file gone is not counted from the cache
+    assert counter.count() == 4 and counter.total() == 4  # units 0 and 1 of 2 rows; input rows from _run.json
+    (Path(output) / "data" / "unit-00000001.parquet").unlink()
+    assert counter.count() == 2  # the temporary and the foreign file are never counted
     assert progress_line(3, 4, 0.5) == "progress: 3/4 rows committed (75.0%), 0.5 rows/s this run, ETA 0m02s"
     assert progress_line(7, None, None) == "progress: 7 rows committed"

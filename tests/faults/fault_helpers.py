@@ -5,13 +5,13 @@ the target's greedy captions").
 - `FaultProxy`: a TCP proxy in front of an S3 server. `stop()`/`start()` take the store away
   (new connections refused, open ones cut) and bring it back on the same port; `hold(pred)`
   parks every request whose head matches until `release()`, which drops them, so a test can
-  stop the pipeline at an exact step (a read of an input shard, a checkpoint commit).
+  stop the pipeline at an exact step (a read of an input shard, the upload of a unit).
 - `faulty_store`: a module fixture: its own moto server (own port) behind a `FaultProxy`, so
   the session's `s3` server is never disturbed. Tests inspect the store directly, not
   through the proxy.
 - `DrillLog`: reads the JSON lines caption actors write when SPECLLAVA_DRILL_LOG is set
-  (pipeline/run.py passes it to workers/caption.py): "init" per actor start, "start"/"return"
-  per batch with the actor's pid and the batch's ids.
+  (workers/drill.py): "init" per actor start, "start"/"return" per batch with the actor's pid
+  and the batch's ids.
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ from workers.drill import BATCH_DELAY_ENV, LOG_ENV
 from tests.pipeline_helpers import CLI_SUBPROCESS, png_bytes, processed_inputs, reference_captions, write_shard
 
 MAX_NEW = 8
+COMMIT = 8  # rows per committed unit in the drills: two batches of 4, so commits land mid-run
 # Small stages for a 2-core box shared with other test runs.
-SMALL = ["--max-new-tokens", str(MAX_NEW), "--stage-cpus", "0.25", "--cpus-per-actor", "0.5"]
+SMALL = ["--max-new-tokens", str(MAX_NEW), "--stage-cpus", "0.25", "--cpus-per-actor", "0.5",
+         "--commit-rows", str(COMMIT)]
 
 
 def free_port() -> int:
@@ -152,9 +154,11 @@ def reads_of(prefix: str):
     return lambda head: needle in request_line(head)
 
 
-def checkpoint_commits(head: bytes) -> bool:
-    """Hold predicate: the copy that renames OUTPUT/_checkpoint/X.pending.parquet to X.parquet."""
-    return b"/_checkpoint/" in request_line(head) and b"x-amz-copy-source" in head.lower()
+def unit_commits(head: bytes) -> bool:
+    """Hold predicate: the upload of a committed unit, OUTPUT/data/unit-N.parquet (a PUT, or the
+    POSTs of a multipart upload): the commit itself, since the object exists only once it completes."""
+    line = request_line(head)
+    return b"/data/unit-" in line and (line.startswith(b"PUT ") or line.startswith(b"POST "))
 
 
 @dataclass
@@ -249,18 +253,19 @@ def _files(fs, path: str) -> list[str]:
 
 
 def data_files(fs, root: str) -> set[str]:
-    return {p for p in _files(fs, f"{root}/data") if p.endswith(".parquet")}
+    """Every file under OUTPUT/data, hidden temporaries included."""
+    return set(_files(fs, f"{root}/data"))
 
 
-def checkpoint_files(fs, root: str) -> tuple[set[str], set[str]]:
-    """(committed, pending) checkpoint file paths."""
-    files = [p for p in _files(fs, f"{root}/_checkpoint") if p.endswith(".parquet")]
-    pending = {p for p in files if p.endswith(".pending.parquet")}
-    return set(files) - pending, pending
+def unit_files(fs, root: str) -> tuple[set[str], set[str]]:
+    """(committed units, anything else) under OUTPUT/data: a unit file is its own commit."""
+    files = data_files(fs, root)
+    committed = {p for p in files if p.rsplit("/", 1)[-1].startswith("unit-") and p.endswith(".parquet")}
+    return committed, files - committed
 
 
 def committed_ids(fs, root: str) -> set:
-    committed, _ = checkpoint_files(fs, root)
+    committed, _ = unit_files(fs, root)
     if not committed:
         return set()
     return set(pq.ParquetDataset(sorted(committed), filesystem=fs).read().column("id").to_pylist())

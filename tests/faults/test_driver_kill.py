@@ -1,12 +1,12 @@
 """Fault 2: the driver is SIGKILLed at a chosen step, then `specllava resume` completes the table
-exactly once. tests/test_pipeline_resume.py kills it after some batches committed; these cases
+exactly once. tests/pipeline/test_pipeline_resume.py kills it after some batches committed; these cases
 stop it at the edges:
 
 - read:   while Ray reads an input shard (the proxy parks the read), before any caption starts;
 - decode: while the first caption batch is being decoded, nothing committed yet;
-- write:  after a data file was written but before its checkpoint commit (the proxy parks the
-          rename of OUTPUT/_checkpoint/X.pending.parquet), so the resumed run must delete the
-          orphaned data file instead of keeping it next to the rows it decodes again.
+- write:  while the first unit is being committed (the proxy parks the upload of
+          OUTPUT/data/unit-N.parquet): the object never appears, so there is no orphan to clean up
+          and the resumed run decodes that unit's rows again.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_commits, checkpoint_files,
-                           committed_ids, data_files, read_manifest, reads_of, start_driver, wait_for,
-                           write_input)
+from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, committed_ids,
+                                       data_files, read_manifest, reads_of, start_driver, unit_commits,
+                                       unit_files, wait_for, write_input)
 from tests.faults.fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
 from tests.pipeline_helpers import cli
 
@@ -35,7 +35,7 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
     log = DrillLog(str(tmp_path / "drill.jsonl"))
     argv = caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH)
     if step == "write":
-        store.proxy.hold(checkpoint_commits)
+        store.proxy.hold(unit_commits)
     held_before = store.proxy.held
     driver = start_driver(argv, drill_log=log.path, log_path=str(tmp_path / "driver.log"), batch_delay_s=0.3)
     t0 = time.time()
@@ -50,8 +50,7 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
         elif step == "decode":
             in_flight = wait_for(log.in_flight, 300, "a caption batch being decoded", driver, every=0.05)
         else:
-            wait_for(lambda: store.proxy.held > held_before and data_files(fs, root), 300,
-                     "a data file written with its checkpoint commit parked", driver)
+            wait_for(lambda: store.proxy.held > held_before, 300, "the upload of a unit parked", driver)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
@@ -64,15 +63,15 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
     time.sleep(1)
 
     committed = committed_ids(fs, root)
-    orphans = data_files(fs, root)
-    _, pending = checkpoint_files(fs, root)
+    orphans = data_files(fs, root) - unit_files(fs, root)[0]
+    pending = store.proxy.held - held_before
     assert read_manifest(fs, root)["status"] == "running"  # the killed run never recorded an end
     if step == "read":
         assert not committed and not orphans, (len(committed), orphans)
     elif step == "decode":  # usually nothing is committed yet; on a slow box an earlier batch may be
         assert len(committed) < ROWS and not committed & {i for e in in_flight for i in e["ids"]}
-    else:
-        assert not committed and orphans and pending, "the kill must land between data write and commit"
+    else:  # the commit was in flight: nothing committed, nothing half-written left behind
+        assert not committed and not orphans and pending, "the kill must land while a unit is uploaded"
 
     t1 = time.time()
     assert cli(["resume", f"{bucket}/out", "--s3-endpoint", store.endpoint]) == 0
@@ -80,7 +79,6 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
     assert_complete_and_exact(fs, root, images, tiny_pair[0])
     manifest = read_manifest(fs, root)
     assert manifest["runs"][-1]["rows"] == ROWS - len(committed)  # resume decoded exactly the rest
-    assert not orphans & data_files(fs, root), "orphaned data files of the killed run were kept"
-    assert not checkpoint_files(fs, root)[1], "pending checkpoints left after the resumed run"
-    print(f"driver kill at {step}: killed after {killed_after:.1f}s (orphaned data files {len(orphans)}, "
-          f"pending checkpoints {len(pending)}); resume {resume_s:.1f}s decoded {manifest['runs'][-1]['rows']} rows")
+    assert not unit_files(fs, root)[1], "files other than committed units left after the resumed run"
+    print(f"driver kill at {step}: killed after {killed_after:.1f}s (non-unit files {len(orphans)}, "
+          f"parked requests {pending}); resume {resume_s:.1f}s decoded {manifest['runs'][-1]['rows']} rows")

@@ -17,7 +17,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, checkpoint_files, committed_ids,
+from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, committed_ids, unit_files,
                            read_manifest, reference, start_driver, wait_for, write_input)
 from tests.faults.fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
 
@@ -28,13 +28,13 @@ SEED = 7
 
 
 class Committed:
-    """Rows in committed checkpoint files (each file's footer read once)."""
+    """Rows in committed units (each file's footer read once)."""
 
     def __init__(self, fs, root: str):
         self.fs, self.root, self.rows = fs, root, {}
 
     def __call__(self) -> int:
-        committed, _ = checkpoint_files(self.fs, self.root)
+        committed, _ = unit_files(self.fs, self.root)
         for path in committed - set(self.rows):
             try:
                 self.rows[path] = pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
@@ -63,7 +63,7 @@ def test_soak_5000_rows_with_faults_exactly_once(faulty_store, ray_address, tiny
         return lambda: committed() >= n
 
     t0 = time.time()
-    driver = start_driver(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH),
+    driver = start_driver(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--commit-rows", "256"),
                           drill_log=log.path, log_path=driver_log)
     try:
         wait_for(progressed(plan["actor_kill_at"]), 1800, "rows for the actor kill", driver, every=0.5)

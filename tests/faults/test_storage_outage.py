@@ -98,7 +98,8 @@ def test_store_hanging_at_end_of_run_check_is_recorded_failed_then_resume(faulty
     held_before = store.proxy.held
     try:
         with batch_delay(0.3):
-            rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH))
+            # one batch per unit, so the last commits are a batch apart and the hold lands first
+            rc = cli(caption_argv(bucket, tiny_pair, store.endpoint, ray_address, BATCH, "--commit-rows", str(BATCH)))
     finally:
         thread.join(timeout=5)
         store.proxy.release()

@@ -6,6 +6,8 @@ import json
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs  # noqa: F401 - pa.fs
+import pyarrow.parquet  # noqa: F401 - pa.parquet
 import pytest
 
 from tests.pipeline_helpers import (cli, corrupt_bytes, huge_bytes, png_bytes, processed_inputs,
@@ -67,7 +69,8 @@ def test_end_to_end_exactly_once_and_greedy_exact(s3, ray_address, tiny_pair, e2
     bucket, images, prompts = e2e_input
     output = f"{bucket}/out"
     rc = cli(["caption", "--input", f"{bucket}/in", "--output", output, "--target", tiny_pair[0],
-              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, *RESOURCES, "--batch-size", "16"])
+              "--draft", tiny_pair[1], "--s3-endpoint", s3.endpoint, *RESOURCES, "--batch-size", "16",
+              "--commit-rows", "50"])  # the unit of commit is not the decode batch
     assert rc == 0
     fs = s3.filesystem()
     table = read_output(fs, output)
@@ -93,7 +96,12 @@ def test_end_to_end_exactly_once_and_greedy_exact(s3, ray_address, tiny_pair, e2
     manifest, text = read_manifest(fs, output)
     assert manifest["status"] == "finished"
     assert manifest["counts"] == {"input_rows": len(images), "output_rows": len(images),
-                                  "unique_ids": len(images), "ok": len(ref), "error": 20}
+                                  "unique_ids": len(images), "ok": len(ref), "error": 20, "units": 5}
+    # one file per 50-row unit (the last one short), whatever the batch size
+    data = sorted(e.base_name for e in fs.get_file_info(pa.fs.FileSelector(f"{output[5:]}/data")))
+    assert data == [f"unit-{u:08d}.parquet" for u in range(5)]
+    assert [pa.parquet.read_metadata(f"{output[5:]}/data/{name}", filesystem=fs).num_rows for name in data] \
+        == [50, 50, 50, 50, len(images) - 200]
     assert manifest["runs"][-1]["rows"] == len(images)
     assert len(manifest["models"]["target"]["sha256"]) == 64
     assert "testing" not in text  # the fake AWS key/secret never reach the manifest
@@ -138,7 +146,7 @@ def test_uri_column_missing_objects_then_rerun_is_a_no_op(s3, ray_address, tiny_
     assert "different prompt" in capsys.readouterr().err
 
 
-def test_duplicate_ids_fail_before_any_work(s3, tiny_pair, capsys):
+def test_duplicate_ids_fail_before_any_work(s3, ray_address, tiny_pair, capsys):
     fs = s3.filesystem()
     bucket = s3.make_bucket("dupes")
     write_shard(fs, "dupes/in/a.parquet", pa.table({"id": ["a", "b", "c"], "image": [png_bytes(1)] * 3}))
@@ -176,11 +184,11 @@ def test_bad_inputs_are_clear_user_errors(tmp_path, tiny_pair, case, capsys):
 
 
 def test_run_stats_mean_accepted_excludes_prefill_token():
+    from pipeline.commit import RunCounters
     from pipeline.run import _run_stats
 
-    table = pa.table({"status": ["ok", "error", "ok"], "new_tokens": pa.array([5, None, 9], pa.int32()),
-                      "target_forwards": pa.array([3, None, 4], pa.int32())})
-    stats = _run_stats(table, 2.0)
+    # rows ok/error with (new_tokens, target_forwards) = (5, 3), (-, -), (9, 4)
+    stats = _run_stats(RunCounters(rows=3, ok=2, new_tokens=5 + 9, target_forwards=3 + 4), 2.0)
     # (5-1 + 9-1) tokens from (3-1 + 4-1) verify steps
     assert stats["mean_accepted"] == 2.4 and stats["ok"] == 2 and stats["error"] == 1
     assert stats["images_per_s"] == 1.5 and stats["tokens_per_s"] == 7.0
@@ -209,3 +217,66 @@ def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_ad
     manifest = json.loads((output / "_run.json").read_text())
     assert manifest["status"] == "failed" and manifest["runs"][-1]["status"] == "failed"
     assert manifest["runs"][-1]["error"]
+
+
+def test_dry_run_checks_every_image_without_a_model(tmp_path, ray_address, tiny_pair, capsys):
+    """`caption --dry-run`: read, decode and check, commit and write; each row ok or error with an
+    empty caption; no model is named, loaded or hashed. A rerun decodes nothing, and a real
+    caption run may not continue a dry run's output."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    images = {}
+    for shard in range(3):
+        ids = [f"d{shard}-{i:02d}" for i in range(11)]
+        for i, key in enumerate(ids):
+            images[key] = {0: corrupt_bytes(), 1: b"", 2: truncated_bytes()}.get(i, png_bytes(300 * shard + i)) \
+                if i < 3 and shard == 1 else png_bytes(300 * shard + i)
+        pq.write_table(pa.table({"id": ids, "image": pa.array([images[k] for k in ids], pa.binary())}),
+                       src / f"{shard}.parquet", row_group_size=4)
+    output = tmp_path / "out"
+    args = ["caption", "--input", str(src), "--output", str(output), "--dry-run", "--batch-size", "4",
+            "--commit-rows", "7", "--stage-cpus", "0.25"]
+    assert cli(args) == 0
+    table = pads.dataset(str(output / "data"), format="parquet").to_table()
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(images) and table.num_rows == len(images) == 33
+    bad = {"d1-00", "d1-01", "d1-02"}
+    assert {k for k, r in rows.items() if r["status"] == "error"} == bad
+    assert all(rows[k]["error"] and rows[k]["caption"] is None for k in bad)
+    assert all(r["caption"] == "" and r["new_tokens"] is None for k, r in rows.items() if k not in bad)
+    assert len(list((output / "data").glob("unit-*.parquet"))) == 5      # ceil(33 / 7)
+    manifest = json.loads((output / "_run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["models"] == {} and manifest["config"]["dry_run"]
+    assert manifest["counts"]["ok"] == 30 and manifest["counts"]["error"] == 3
+
+    assert cli(args) == 0                                  # nothing left: decodes nothing
+    assert [r["rows"] for r in json.loads((output / "_run.json").read_text())["runs"]] == [33, 0]
+    capsys.readouterr()
+    assert cli(["caption", "--input", str(src), "--output", str(output), "--target", tiny_pair[0],
+                "--draft", tiny_pair[1], "--commit-rows", "7"]) == 2
+    assert "different dry_run" in capsys.readouterr().err
+
+
+def test_without_address_a_private_ray_starts_whatever_ray_address_says(tmp_path):
+    """A head left running (or a dead head's address) must not break a plain `caption`: without
+    --address a private Ray starts (before: "ValueError: When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided")."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from tests import REPO_ROOT
+    from tests.pipeline_helpers import CLI_SUBPROCESS
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [png_bytes(1), png_bytes(2)]}), tmp_path / "in" / "a.parquet")
+    env = dict(__import__("os").environ, RAY_ADDRESS="127.0.0.1:1")  # nothing listens there
+    proc = subprocess.run([sys.executable, *CLI_SUBPROCESS, "caption", "--input", str(tmp_path / "in"),
+                           "--output", str(tmp_path / "out"), "--dry-run", "--stage-cpus", "0.25"],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ValueError" not in proc.stderr
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["status"] == "finished"
