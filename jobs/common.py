@@ -90,7 +90,8 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--id-column", default="id", help="unique id column (default: id)")
     images = p.add_mutually_exclusive_group()
     images.add_argument("--image-column", default="image", help="column of image bytes (default: image)")
-    images.add_argument("--image-uri-column", help="column of image URIs (s3://... or paths) instead of bytes")
+    images.add_argument("--image-uri-column", help="column of image URIs (s3://..., http(s)://... or paths) "
+                        "instead of bytes")
     p.add_argument("--prompt", help="prompt for rows without a 'prompt' column value")
     p.add_argument("--actors", default="1", help="caption actors: N or MIN,MAX (autoscaling; default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")

@@ -63,6 +63,18 @@ def hash_model_dir(uri: str, s3_endpoint: str | None = None) -> dict:
     return {"sha256": outer.hexdigest(), "files": len(entries), "bytes": total}
 
 
+def listing_fingerprint(uri: str, s3_endpoint: str | None = None) -> str:
+    """sha256 over (relative path, size, last-modified) of every file: one listing, no reads.
+    An object overwritten in place gets a new last-modified time, so a changed model changes it."""
+    fs, root = storage.resolve(uri, s3_endpoint)
+    entries = sorted((e for e in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+                      if e.type == pafs.FileType.File), key=lambda e: e.path)
+    digest = hashlib.sha256()
+    for e in entries:
+        digest.update(f"{e.path[len(root):].lstrip('/')}\0{e.size}\0{e.mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def read_manifest(output: str, s3_endpoint: str | None = None) -> dict | None:
     fs, root = storage.resolve(output, s3_endpoint)
     path = posixpath.join(root, MANIFEST_NAME)

@@ -186,14 +186,22 @@ def _record_failure(config: CaptionConfig, manifest: dict, run: dict, exc: BaseE
         log(f"specllava caption: could not record the failure in _run.json: {one_line(write_exc, 300)}")
 
 
-def _hash_models(config: CaptionConfig) -> dict:
+def _hash_models(config: CaptionConfig, previous: dict | None) -> dict:
+    """{role: {path, sha256, files, bytes, listing}}. The sha256 reads every byte of a model (tens
+    of seconds for a 7B pair on S3), so a resume whose model listing (paths, sizes, last-modified
+    times) is unchanged reuses the hash recorded in _run.json instead of downloading it again."""
     if config.dry_run:
         return {}
     models = {}
     for role in ("target", "draft"):
+        uri = getattr(config, role)
         try:
-            models[role] = {"path": getattr(config, role),
-                            **mf.hash_model_dir(getattr(config, role), config.s3_endpoint)}
+            listing = mf.listing_fingerprint(uri, config.s3_endpoint)
+            old = ((previous or {}).get("models") or {}).get(role) or {}
+            if old.get("listing") == listing and old.get("path") == uri:
+                models[role] = old
+            else:
+                models[role] = {"path": uri, **mf.hash_model_dir(uri, config.s3_endpoint), "listing": listing}
         except FileNotFoundError as exc:
             raise PipelineError(str(exc)) from None
     return models
@@ -219,8 +227,8 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
 def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, log) -> dict:
     data_path = posixpath.join(root, DATA_DIR)
     plan, new_plan = scan_input(config, out_fs, root)
-    models = _hash_models(config)
     previous = mf.read_manifest(config.output, config.s3_endpoint)
+    models = _hash_models(config, previous)
     check_compatible(previous, config, models)
 
     ensure_ray(config.address)

@@ -124,7 +124,7 @@ class ImageSource:
         try:
             return storage.fetch_bytes(uri, self.s3_endpoint, self.limits["max_bytes"], self._filesystems)
         except FileNotFoundError as exc:
-            raise ImageRejected(f"missing image object: {uri}") from exc
+            raise ImageRejected(f"missing image object: {storage.redact(uri)}") from exc
 
 
 class ImageChecker(ImageSource):

@@ -71,12 +71,15 @@ def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, 
 
 def fetch_bytes(uri: str, s3_endpoint: str | None = None, max_bytes: int | None = None,
                 filesystems: dict | None = None) -> bytes:
-    """Read one object (s3://bucket/key or a local path) into memory.
+    """Read one object (s3://bucket/key, http(s)://..., or a local path) into memory.
 
     Raises FileNotFoundError when it does not exist and ValueError when it is larger than
-    `max_bytes` (checked from the listing before anything is downloaded). `filesystems` is an
-    optional cache {key: filesystem} so a stage reading thousands of URIs builds one client.
+    `max_bytes` (checked from the listing or Content-Length before the body is read, and while
+    reading). `filesystems` is an optional cache {key: filesystem} so a stage reading thousands of
+    URIs builds one client.
     """
+    if is_http(uri):
+        return fetch_http(uri, max_bytes)
     key = "s3" if is_s3(uri) else "local"
     if filesystems is not None and key in filesystems:
         fs = filesystems[key]
@@ -94,6 +97,59 @@ def fetch_bytes(uri: str, s3_endpoint: str | None = None, max_bytes: int | None 
         raise ValueError(f"object is {info.size} bytes, over the {max_bytes}-byte limit: {uri}")
     with fs.open_input_stream(path) as stream:
         return stream.read()
+
+
+# http(s) image URIs (web crawls, presigned URLs): one request at a time per preprocess actor,
+# so the concurrency is the number of those actors; each request has a timeout and is retried
+# on network errors, 429 and 5xx.
+HTTP_TIMEOUT_S = 20.0
+HTTP_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+HTTP_USER_AGENT = "specllava/0.2 (image captioning)"
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def redact(uri: str) -> str:
+    """scheme://host/path only: no user:password@, no query (presigned URLs carry signatures there)."""
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        return uri  # a local path
+    host = parsed.hostname or ""
+    if parsed.port:
+        host += f":{parsed.port}"
+    return f"{parsed.scheme}://{host}{parsed.path}"
+
+
+def fetch_http(uri: str, max_bytes: int | None = None) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    shown = redact(uri)
+    for delay in (*HTTP_RETRY_DELAYS_S, None):
+        try:
+            request = urllib.request.Request(uri, headers={"User-Agent": HTTP_USER_AGENT})
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+                size = response.headers.get("Content-Length")
+                if max_bytes is not None and size is not None and size.isdigit() and int(size) > max_bytes:
+                    raise ValueError(f"object is {size} bytes, over the {max_bytes}-byte limit: {shown}")
+                data = response.read(max_bytes + 1 if max_bytes is not None else -1)
+                if max_bytes is not None and len(data) > max_bytes:
+                    raise ValueError(f"object is over the {max_bytes}-byte limit: {shown}")
+                return data
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise FileNotFoundError(f"no such object (HTTP {exc.code}): {shown}") from None
+            if exc.code != 429 and exc.code < 500 or delay is None:
+                raise ValueError(f"HTTP {exc.code} for {shown}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            if delay is None:
+                reason = getattr(exc, "reason", exc)
+                raise ValueError(f"cannot fetch {shown}: {reason}") from None
+        import time
+        time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _s3_path(uri: str) -> str:
@@ -138,13 +194,14 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
     time), so a model overwritten in place on S3 gets a fresh copy instead of the stale one (the
     run's manifest hashes the S3 files; loading an older local copy would break that record).
     The copy is made in a temporary directory and renamed into place, so a copy killed mid-way
-    is never used. `skip_weights` copies only the small files (configs, tokenizer, processor),
-    for stages that need the processor only. Superseded copies are left in the cache.
+    is never used. One process per node copies: the others (8 caption actors of an 8-GPU node)
+    wait on a lock file beside the copy and then use it, so a node downloads a model once.
+    `skip_weights` copies only the small files (configs, tokenizer, processor), for stages that
+    need the processor only. Superseded copies are left in the cache.
     """
     if not is_s3(uri):
         return os.path.abspath(os.path.expanduser(uri))
     import hashlib
-    import shutil
 
     cache_dir = (cache_dir or os.environ.get("SPECLLAVA_MODEL_CACHE")
                  or os.path.join(os.path.expanduser("~"), ".cache", "specllava", "models"))
@@ -160,6 +217,20 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
     target = os.path.join(cache_dir, name)
     if os.path.isdir(target):
         return target
+    import fcntl
+
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if os.path.isdir(target):          # another process on this node copied it while we waited
+            return target
+        _copy_listed(fs, files, target)
+    return target
+
+
+def _copy_listed(fs, files: list, target: str) -> None:
+    import shutil
+
     tmp = f"{target}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -171,4 +242,3 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
         os.rename(tmp, target)
     except OSError:  # another process renamed its complete copy first
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
