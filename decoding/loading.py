@@ -11,22 +11,10 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from .dtypes import AUTO, DTYPE_NAMES, canonical_dtype
 from .errors import ModelPairError
 
-# The one vocabulary of dtype names (every --dtype flag, CaptionConfig.dtype, load_llava):
-# torch's spelling, with the short forms accepted as aliases.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-AUTO = "auto"  # float16 on CUDA, float32 elsewhere
-
-
-def canonical_dtype(name: str) -> str:
-    """"auto" or a key of DTYPES, from any accepted spelling; ValueError for anything else."""
-    name = DTYPE_ALIASES.get(name, name)
-    if name != AUTO and name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)} "
-                         f"(or {', '.join(DTYPE_ALIASES)})")
-    return name
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # names: decoding/dtypes.py
 
 
 def parse_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:

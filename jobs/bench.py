@@ -24,13 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from jobs.common import DEMO_PAIR, UserError, add_dtype_argument, default_device
 
-from decoding import SpeculativeDecoder, TreeConfig
-from decoding.budget import choose_tree
-from decoding.loading import load_llava, parse_dtype
-from decoding.stats import cut_after_eos, mean_accepted_length
-from jobs.common import DEMO_PAIR, UserError, add_dtype_argument
+# torch and the decoder are imported inside the functions that use them: `specllava --help`
+# builds this parser too, and must not pay for a torch import.
 METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree")
 
 
@@ -44,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     add_dtype_argument(p, default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--no-budget", action="store_true", help="use the default TreeConfig for dynamic_tree "
@@ -59,6 +56,8 @@ def add_parser(sub) -> None:
 
 def quick_pair():
     """A tiny random target and a perturbed copy as draft (shares the vision tower), with a processor."""
+    import torch
+
     from decoding.testing import make_tiny_llava, make_tiny_processor
     target = make_tiny_llava(seed=0, image_token_id=95, hidden_size=64, num_layers=2)
     draft = copy.deepcopy(target)
@@ -70,6 +69,8 @@ def quick_pair():
 
 
 def load_pair(args):
+    from decoding.loading import load_llava
+
     from transformers import AutoProcessor
     for role in ("target", "draft"):
         if not Path(getattr(args, role), "config.json").is_file():
@@ -113,6 +114,10 @@ class ForwardCounter:
 
 def run_method(method, target, draft, batches, args, eos, decoders):
     """Returns (sequences, new_tokens, target_forwards, seconds) over all batches."""
+    import torch
+
+    from decoding.stats import cut_after_eos
+
     seqs, forwards, t_total = [], 0, 0.0
     for ids, mask, pixels in batches:
         sync(args.device)
@@ -146,11 +151,21 @@ def match_rate(got, ref) -> float:
 
 
 def sync(device):
+    import torch
+
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def run(args) -> int:
+    import torch
+
+    from decoding import SpeculativeDecoder, TreeConfig
+    from decoding.budget import choose_tree
+    from decoding.loading import parse_dtype
+    from decoding.stats import mean_accepted_length
+
+    args.device = args.device or default_device()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -225,7 +240,8 @@ def run(args) -> int:
     return 0
 
 
-def vars_of(cfg: TreeConfig) -> dict:
+def vars_of(cfg) -> dict:
+    """The fields of a decoding.TreeConfig."""
     return {k: getattr(cfg, k) for k in ("top_k", "frontier", "max_depth", "max_nodes", "threshold")}
 
 

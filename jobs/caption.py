@@ -25,6 +25,7 @@ def add_parser(subparsers) -> None:
                    "dashboard (default http://127.0.0.1:8265)")
     r.add_argument("--submit", action="store_true", help="resume as a Ray job (like `specllava submit`)")
     add_progress_argument(r)
+    r.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
     add_job_arguments(r, address=False)
     r.set_defaults(func=run_resume_command)
 
@@ -50,7 +51,7 @@ def run_caption_command(args) -> int:
             commit_rows=args.commit_rows, dry_run=args.dry_run)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
-    return _run(config, args.progress_every, debug=getattr(args, "debug", False))
+    return _run(config, args.progress_every, debug=getattr(args, "debug", False), verbose=args.verbose)
 
 
 def run_resume_command(args) -> int:
@@ -74,26 +75,21 @@ def run_resume_command(args) -> int:
         config = CaptionConfig.from_dict(saved, s3_endpoint=args.s3_endpoint)
     except (PipelineError, TypeError) as exc:
         raise UserError(f"cannot resume from {args.output}/_run.json: {exc}") from None
-    return _run(config, args.progress_every, debug=getattr(args, "debug", False))
+    return _run(config, args.progress_every, debug=getattr(args, "debug", False), verbose=args.verbose)
 
 
-def _run(config, progress_every: float = 10.0, debug: bool = False) -> int:
+def _run(config, progress_every: float = 10.0, debug: bool = False, verbose: bool = False) -> int:
     import signal
     import sys
 
     from pipeline.config import PipelineError
-    from pipeline.progress import CheckpointProgress
     from pipeline.run import run_caption
 
-    if not sys.stdout.isatty():
-        # Logs and Ray jobs get one progress line every `progress_every` s instead of Ray Data's bars.
-        import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    else:
-        progress_every = 0
+    # A terminal gets one live bar; logs and Ray jobs a progress line every `progress_every` s.
+    tty = sys.stdout.isatty() and progress_every > 0
     try:
-        with CheckpointProgress(config.output, config.s3_endpoint, every_s=progress_every):
-            summary = run_caption(config)
+        summary = run_caption(config, progress_every=0.0 if tty else progress_every, progress_tty=tty,
+                              verbose=verbose)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt:

@@ -48,9 +48,9 @@ def default_device() -> str:
 def add_dtype_argument(p, flag: str = "--dtype", *, default: str, auto: bool = False, help: str = "") -> None:
     """A dtype flag in the one vocabulary of decoding.loading (float32, bfloat16, float16; fp32,
     bf16, fp16 accepted as aliases; `auto` where the device decides)."""
-    from decoding.loading import DTYPES, canonical_dtype
+    from decoding.dtypes import DTYPE_NAMES, canonical_dtype
 
-    choices = (["auto"] if auto else []) + list(DTYPES)
+    choices = (["auto"] if auto else []) + list(DTYPE_NAMES)
     p.add_argument(flag, type=canonical_dtype, choices=choices, default=default,
                    metavar="{" + ",".join(choices) + "}", help=help or None)
 
@@ -119,6 +119,8 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--tree-threshold", type=float, help="drop children below this draft probability "
                    "(default 0.05)")
     add_progress_argument(p)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs (Ray Data, workers) on the "
+                   "console; otherwise they stay in Ray's session logs")
     if address:
         p.add_argument("--address", help="existing Ray cluster ('auto' or HOST:PORT; default: a local Ray "
                        "started on demand)")
@@ -126,7 +128,7 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
 
 def add_progress_argument(p) -> None:
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines when "
-                   "output is not a terminal (Ray jobs, logs); 0 = none (default 10)")
+                   "output is not a terminal (Ray jobs, logs; a terminal gets a live bar); 0 = none (default 10)")
 
 
 # --- Ray jobs -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from jobs.common import DEMO_PAIR, DEMO_PAIR_DIR, UserError
@@ -49,7 +50,8 @@ def run(args) -> int:
     config = CaptionConfig(input=str(data), output=str(output), target=args.target, draft=args.draft,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     try:
-        summary = run_caption(config)
+        summary = run_caption(config, progress_every=0.0 if sys.stdout.isatty() else 10.0,
+                              progress_tty=sys.stdout.isatty(), verbose=False)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
     print("[3/3] a few captions (reference | speculative caption):")

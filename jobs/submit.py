@@ -208,6 +208,8 @@ def submit_resume(args) -> int:
         command += ["--s3-endpoint", args.s3_endpoint]
     if args.progress_every != 10.0:
         command += ["--progress-every", str(args.progress_every)]
+    if getattr(args, "verbose", False):
+        command.append("--verbose")
     return submit_job(args, command, {"output": args.output})
 
 

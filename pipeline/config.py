@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from workers.preprocess import DEFAULT_PROMPT
+from workers.schema import DEFAULT_PROMPT
 
 # Fields that must be equal when a run continues an existing output: changing any of them
 # would mix captions of different inputs, prompts, decoding options or weights in one table.
@@ -63,7 +63,7 @@ class CaptionConfig:
         if self.s3_endpoint and "@" in self.s3_endpoint:
             raise PipelineError("--s3-endpoint must not contain credentials; use the AWS env/config")
         from decoding import TreeConfig
-        from decoding.loading import canonical_dtype
+        from decoding.dtypes import canonical_dtype
         try:
             object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         except ValueError as exc:

@@ -58,7 +58,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def progress_line(done: int, total: int | None, rate: float | None) -> str:
+def progress_line(done: int, total: int | None, rate: float | None, *, ok: int | None = None,
+                  error: int | None = None, mean_accepted: float | None = None, stalled: str | None = None) -> str:
     text = f"progress: {done:,}"
     if total:
         text += f"/{total:,} rows committed ({100.0 * done / total:.1f}%)"
@@ -68,19 +69,51 @@ def progress_line(done: int, total: int | None, rate: float | None) -> str:
         text += f", {rate:.1f} rows/s this run"
         if total and done < total:
             text += f", ETA {_duration((total - done) / rate)}"
+    if ok is not None and error is not None:
+        text += f", this run {ok:,} ok / {error:,} error"
+    if mean_accepted is not None:
+        text += f", mean accepted {mean_accepted:.2f}"
+    if stalled:
+        text += f"; {stalled}"
     return text
 
 
-class CheckpointProgress:
-    """Context manager: a daemon thread printing `progress_line` every `every_s` seconds (0: off)."""
+def ray_resources_hint() -> str:
+    """What Ray says about free resources (why actors or tasks may be waiting)."""
+    try:
+        import ray
 
-    def __init__(self, output: str, s3_endpoint: str | None = None, every_s: float = 10.0, log=None):
-        self.output, self.s3_endpoint, self.every_s, self.log = output, s3_endpoint, every_s, log
+        total, free = ray.cluster_resources(), ray.available_resources()
+    except Exception:  # noqa: BLE001 - only a hint; Ray may be shutting down
+        return ""
+    parts = [f"{key} {free.get(key, 0.0):g}/{total[key]:g} free" for key in ("CPU", "GPU") if key in total]
+    if "GPU" not in total:
+        parts.append("no GPU in the cluster")
+    return "Ray: " + ", ".join(parts)
+
+
+class RunProgress:
+    """Progress of the run in this process, from the unit writer's counters (no store reads).
+
+    On a terminal: one tqdm bar (rows committed / total, rows/s, ETA, ok/error, mean accepted
+    length). Otherwise (Ray job logs, redirects): one `progress_line` every `every_s` seconds.
+    When nothing has been committed for `stall_s` while rows remain, the line says so and what
+    Ray has free (actors waiting for a GPU or CPUs is the usual reason).
+    """
+
+    def __init__(self, total: int, before: int, every_s: float = 10.0, tty: bool = False,
+                 stall_s: float = 180.0, log=None):
+        self.total, self.before, self.every_s, self.tty, self.stall_s = total, before, every_s, tty, stall_s
+        self.log = log or (lambda line: print(line, flush=True))
+        self.counters = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def watch(self, counters) -> None:
+        self.counters = counters
+
     def __enter__(self):
-        if self.every_s > 0:
+        if self.every_s > 0 or self.tty:
             self._thread = threading.Thread(target=self._loop, name="specllava-progress", daemon=True)
             self._thread.start()
         return self
@@ -91,22 +124,47 @@ class CheckpointProgress:
             self._thread.join(timeout=5)
         return False
 
+    def _state(self, start: float, last_change: float, now: float) -> dict:
+        c = self.counters
+        rows = c.rows if c is not None else 0
+        from decoding.stats import mean_accepted_length
+
+        tau = mean_accepted_length(c.new_tokens, c.target_forwards, c.ok) if c is not None and c.ok else None
+        stalled = None
+        if now - last_change > self.stall_s and self.before + rows < self.total:
+            stalled = f"nothing committed for {_duration(now - last_change)}"
+            hint = ray_resources_hint()
+            stalled += f" ({hint})" if hint else ""
+        return dict(done=self.before + rows, rows=rows, ok=c.ok if c else 0, error=(c.rows - c.ok) if c else 0,
+                    tau=tau, rate=rows / (now - start) if rows else None, stalled=stalled)
+
     def _loop(self) -> None:
-        log = self.log or (lambda line: print(line, flush=True))
+        start = last_change = time.monotonic()
+        seen = -1
+        bar = None
+        if self.tty:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total, initial=self.before, unit="row", desc="captions", dynamic_ncols=True)
+        interval = 0.5 if self.tty else self.every_s
         try:
-            counter = CommittedRows(self.output, self.s3_endpoint)
-            before = counter.count()  # rows of earlier runs (a resume)
-        except (OSError, ValueError):
-            before = None
-        start, total = time.monotonic(), None
-        while not self._stop.wait(self.every_s):
-            try:
-                if before is None:
-                    counter = CommittedRows(self.output, self.s3_endpoint)
-                    before = 0
-                done = counter.count()
-                total = total or counter.total()
-            except (OSError, ValueError):
-                continue  # storage hiccup: the run itself reports real failures
-            rate = (done - before) / (time.monotonic() - start) if done > before else None
-            log(progress_line(done, total, rate))
+            while not self._stop.wait(interval):
+                now = time.monotonic()
+                state = self._state(start, last_change, now)
+                if state["rows"] != seen:
+                    seen, last_change = state["rows"], now
+                if bar is not None:
+                    bar.n = state["done"]
+                    post = {"ok": state["ok"], "error": state["error"]}
+                    if state["tau"] is not None:
+                        post["tau"] = f"{state['tau']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+                    if state["stalled"]:
+                        bar.set_description_str(f"captions ({state['stalled']})", refresh=False)
+                    bar.refresh()
+                else:
+                    self.log(progress_line(state["done"], self.total, state["rate"], ok=state["ok"],
+                                           error=state["error"], mean_accepted=state["tau"], stalled=state["stalled"]))
+        finally:
+            if bar is not None:
+                bar.n = self._state(start, last_change, time.monotonic())["done"]
+                bar.close()

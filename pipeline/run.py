@@ -29,6 +29,7 @@ from pipeline.idcheck import check_ids
 from pipeline.layout import DATA_DIR, LEGACY_CHECKPOINT_DIR
 from pipeline.lease import Lease, new_run_id
 from pipeline.plan import InputPlan, build_plan, check_input_unchanged, load_plan, save_plan
+from pipeline.progress import RunProgress
 from workers import storage
 
 DRY_RUN_BLOCK_ROWS = 1024  # no decode batch in a dry run: larger blocks, less per-block overhead
@@ -47,7 +48,21 @@ def scan_input(config: CaptionConfig, out_fs, root: str) -> tuple[InputPlan, boo
     return plan, False
 
 
-def ensure_ray(address: str | None) -> None:
+def quiet_ray() -> None:
+    """Ray Data's INFO lines and progress bars off the console (they stay in Ray's session logs);
+    the run prints its own progress (pipeline/progress.py)."""
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # "Progress bars disabled" and "token authentication is enabled" are notices, not problems
+    for name in ("ray.data", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def ensure_ray(address: str | None, verbose: bool = True) -> None:
     """Use the Ray this process is connected to, else connect to `address`, else start a private
     local one.
 
@@ -62,10 +77,15 @@ def ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # Not verbose: the workers' own output (model loading bars, Ray's worker notices) stays in
+    # Ray's session logs instead of being forwarded to this console.
+    import logging
+
+    options = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **options)
     else:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **options)
 
 
 def check_layout(out_fs, root: str, output: str) -> None:
@@ -207,11 +227,13 @@ def _hash_models(config: CaptionConfig, previous: dict | None) -> dict:
     return models
 
 
-def run_caption(config: CaptionConfig, log=print) -> dict:
+def run_caption(config: CaptionConfig, log=print, *, progress_every: float = 0.0, progress_tty: bool = False,
+                verbose: bool = True) -> dict:
     """Caption every input row not yet committed in the output; returns the summary (also in _run.json).
 
     Raises PipelineError for user errors (LeaseHeld when another live writer holds the output),
-    before any row is written.
+    before any row is written. `progress_every` > 0 prints a progress line that often;
+    `progress_tty` shows a bar instead; `verbose=False` keeps Ray's own logs off the console.
     """
     preflight.check_run(config)  # models safe and paired, output bucket/dir exists: before any reading
     out_fs, root = storage.resolve(config.output, config.s3_endpoint)
@@ -219,19 +241,23 @@ def run_caption(config: CaptionConfig, log=print) -> dict:
     lease = Lease(out_fs, root, config.output, new_run_id(), log=log)
     lease.acquire()  # one writer per output, before anything of the output is written or cleaned
     try:
-        return _run_holding_lease(config, out_fs, root, lease, log)
+        return _run_holding_lease(config, out_fs, root, lease, log,
+                                  dict(every_s=progress_every, tty=progress_tty), verbose)
     finally:
         lease.release()
 
 
-def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, log) -> dict:
+def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, log, progress: dict,
+                       verbose: bool) -> dict:
     data_path = posixpath.join(root, DATA_DIR)
     plan, new_plan = scan_input(config, out_fs, root)
     previous = mf.read_manifest(config.output, config.s3_endpoint)
     models = _hash_models(config, previous)
     check_compatible(previous, config, models)
 
-    ensure_ray(config.address)
+    if not verbose:
+        quiet_ray()
+    ensure_ray(config.address, verbose=verbose)
     if new_plan:  # a duplicate id is refused before anything is written
         report = check_ids(plan.files, plan.num_rows, input_uri=config.input, s3_endpoint=config.s3_endpoint,
                            id_column=config.id_column, id_type=plan.id_type, num_cpus=config.stage_cpus)
@@ -266,8 +292,11 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         specs, read_bytes = plan.read_specs(done)
         run.update(units_before=len(done), input_bytes_read=read_bytes)
         writer = UnitWriter(out_fs, data_path, plan.num_rows, plan.commit_rows, guard=lease.check)
-        if specs:
-            execute(build_dataset(config, plan, specs), writer)
+        before = sum(plan.unit_rows(u) for u in done)
+        with RunProgress(plan.num_rows, before, log=log, **progress) as bar:
+            bar.watch(writer.counters)
+            if specs:
+                execute(build_dataset(config, plan, specs), writer)
         wall = time.perf_counter() - start
         this_run = _run_stats(writer.counters, wall)
         # The check below reads the store too: a failure there (e.g. the store away for longer

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     import json
     import time
 
-    from decoding.loading import DTYPES, canonical_dtype
+    from decoding.dtypes import DTYPE_NAMES, canonical_dtype
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--images", type=int, default=500)
-    p.add_argument("--dtype", type=canonical_dtype, choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", type=canonical_dtype, choices=list(DTYPE_NAMES), default="float32")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

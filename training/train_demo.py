@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from decoding.loading import DTYPES, canonical_dtype
+from decoding.dtypes import DTYPE_NAMES, canonical_dtype
 from training.schedule import warmup_cosine
 
 
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-eval-images", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--save-dtype", type=canonical_dtype, choices=list(DTYPES), default="float16")
+    p.add_argument("--save-dtype", type=canonical_dtype, choices=list(DTYPE_NAMES), default="float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vision-steps", type=int, default=2000, help="stage 1: attribute pretraining of the tower")
     p.add_argument("--vision-lr", type=float, default=1.5e-3)

@@ -16,10 +16,9 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from workers import storage
-from workers.schema import (OUTPUT_FIELDS, STATUS_ERROR, STATUS_OK, carry_row_index, one_line, output_schema,
-                            preprocessed_schema)
+from workers.schema import (DEFAULT_PROMPT, OUTPUT_FIELDS, STATUS_ERROR, STATUS_OK, carry_row_index, one_line,
+                            output_schema, preprocessed_schema)
 
-DEFAULT_PROMPT = "Describe this image in one sentence."
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # ~6300x6300; Pillow's own bomb limit is 89M
 DEFAULT_MAX_ASPECT = 50.0  # beyond this, shortest-edge resizing makes absurdly long images

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+DEFAULT_PROMPT = "Describe this image in one sentence."  # for rows without a prompt of their own
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 # The row's index in the run's global input order (shards in name order, rows in file order).
