@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,18 @@ def cli(argv: list[str]) -> int:
 
 CLI_SUBPROCESS = ["-c", "import sys, jobs.cli as c; c.COMMAND_MODULES[:] = ['jobs.caption']; "
                         "sys.exit(c.main(sys.argv[1:]))"]
+
+
+@contextlib.contextmanager
+def sigkilled_on_exit(proc):
+    """The block runs while `proc` (a driver process) lives; leaving it SIGKILLs and reaps the
+    process: the drills' kill, and the clean-up when the block failed."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager

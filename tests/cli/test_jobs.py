@@ -125,7 +125,7 @@ def _query_json(capsys, output: str, endpoint: str, sql: str) -> list[dict]:
 def _caption_flags(s3, tiny_pair, bucket_uri: str, output: str) -> list[str]:
     return ["--input", f"{bucket_uri}/in", "--output", output, "--target", tiny_pair[0], "--draft", tiny_pair[1],
             "--s3-endpoint", s3.endpoint, "--batch-size", "4", "--max-new-tokens", "8", "--stage-cpus", "0.25",
-            "--cpus-per-actor", "0.5", "--progress-every", "1"]
+            "--cpus-per-actor", "0.5", "--progress-every", "1", "--commit-rows", "4"]
 
 
 def test_submit_caption_job_logs_and_query(s3, tiny_pair, ray_head, capsys, monkeypatch):

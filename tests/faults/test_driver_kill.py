@@ -10,7 +10,6 @@ stop it at the edges:
 """
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, cap
                                        data_files, read_manifest, reads_of, start_driver, unit_commits,
                                        unit_files, wait_for, write_input)
 from tests.faults.fault_helpers import faulty_store  # noqa: F401 - fixture: the module's own S3 server + proxy
-from tests.pipeline_helpers import cli
+from tests.pipeline_helpers import cli, sigkilled_on_exit
 
 ROWS = 16
 BATCH = 4
@@ -39,7 +38,7 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
     held_before = store.proxy.held
     driver = start_driver(argv, drill_log=log.path, log_path=str(tmp_path / "driver.log"), batch_delay_s=0.3)
     t0 = time.time()
-    try:
+    with sigkilled_on_exit(driver):
         if step == "read":
             # _run.json is written after the driver's own input scan: from then on, reads of the
             # input come from the Ray Data read.
@@ -51,12 +50,6 @@ def test_driver_killed_then_resume_exactly_once(faulty_store, ray_address, tiny_
             in_flight = wait_for(log.in_flight, 300, "a caption batch being decoded", driver, every=0.05)
         else:
             wait_for(lambda: store.proxy.held > held_before, 300, "the upload of a unit parked", driver)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     killed_after = time.time() - t0
     time.sleep(3)  # Ray ends the dead driver's actors and tasks; let anything in flight stop
     store.proxy.release()  # parked requests are dropped, never forwarded

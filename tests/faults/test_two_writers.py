@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import time
 
@@ -19,7 +18,7 @@ import pytest
 from pipeline.lease import Lease, LeaseHeld, LeaseLost, holder_state
 from tests.faults.fault_helpers import (DrillLog, assert_complete_and_exact, caption_argv, committed_ids,
                                         start_driver, wait_for, write_input)
-from tests.pipeline_helpers import cli
+from tests.pipeline_helpers import cli, sigkilled_on_exit
 
 ROWS = 24
 BATCH = 4
@@ -81,19 +80,13 @@ def test_two_drivers_on_one_output_then_holder_killed_and_resumed_at_once(s3, ra
     log = DrillLog(str(tmp_path / "drill.jsonl"))
     argv = caption_argv(bucket, tiny_pair, s3.endpoint, ray_address, BATCH)
     first = start_driver(argv, drill_log=log.path, log_path=str(tmp_path / "a.log"), batch_delay_s=0.5)
-    try:
+    with sigkilled_on_exit(first):
         wait_for(log.in_flight, 300, "driver A decoding", first, every=0.1)
         capsys.readouterr()
         assert cli(argv) == 2                                   # driver B: refused at once
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "is being written by run" in err and f"pid {first.pid}" in err, err
         wait_for(lambda: committed_ids(fs, "twowriters/out"), 300, "a committed unit", first)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     at_kill = committed_ids(fs, "twowriters/out")
     assert 0 < len(at_kill) < ROWS, "the kill must land mid-run"
     lease_left = json.loads(fs.open_input_stream("twowriters/out/_lease.json").read())

@@ -3,7 +3,6 @@ table with every id exactly once, decoding only the rows whose output was not co
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 
 from tests import REPO_ROOT
 from workers.drill import BATCH_DELAY_ENV
-from tests.pipeline_helpers import CLI_SUBPROCESS, cli, png_bytes, write_shard
+from tests.pipeline_helpers import CLI_SUBPROCESS, cli, png_bytes, sigkilled_on_exit, write_shard
 
 ROWS_PER_SHARD = 16
 SHARDS = 4
@@ -59,17 +58,11 @@ def test_sigkill_driver_then_resume_exactly_once(s3, ray_address, tiny_pair):
                               cwd=REPO_ROOT)
     t0 = time.time()
     deadline = t0 + 180
-    try:
+    with sigkilled_on_exit(driver):
         while not fully_committed_shards(fs, "kill/out", shards):
             assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "no progress from the driver"
             time.sleep(0.2)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     print(f"killed after {time.time() - t0:.1f}s")
     time.sleep(3)  # Ray kills the dead driver's workers; let in-flight writes stop
     committed = committed_unit_ids(fs, "kill/out")
