@@ -32,7 +32,7 @@ from pipeline.plan import InputPlan, build_plan, check_input_unchanged, load_pla
 from pipeline.progress import RunProgress
 from workers import storage
 
-DRY_RUN_BLOCK_ROWS = 1024  # no decode batch in a dry run: larger blocks, less per-block overhead
+DRY_RUN_BLOCK_ROWS = 4096  # no decode batch in a dry run: larger blocks, less per-block overhead
 
 
 def scan_input(config: CaptionConfig, out_fs, root: str) -> tuple[InputPlan, bool]:

@@ -8,11 +8,10 @@ What it does:
 1. writes ROWS rows of tiny valid PNGs (a pool of 64 distinct 8x8 images, stored uncompressed and
    without dictionary encoding, so every row costs its bytes) in SHARDS Parquet shards with row
    groups of 10,000 rows, ids unique; every 100,000th image is corrupt (an error row);
-2. starts its own Ray head (`ray start --head --block`, its own temp dir, 4 logical CPUs) so the
-   killed driver takes nothing else down; stops it by pid at the end;
-3. `specllava caption --dry-run` as a driver process; SIGKILL when half the rows are committed;
-4. `specllava resume`; times its first new commit;
-5. `specllava query OUT "select status, count(*) from captions group by 1"` (wall time of the
+2. `specllava caption --dry-run` as a driver process (it starts a private local Ray, whose
+   processes share the driver's fate); SIGKILL when half the rows are committed;
+3. `specllava resume` (a new private Ray); times its first new commit;
+4. `specllava query OUT "select status, count(*) from captions group by 1"` (wall time of the
    whole command, process start included).
 It samples each driver's peak RSS (VmHWM from /proc every 0.5 s), counts the objects under the
 output, and prints one JSON object.
@@ -103,37 +102,6 @@ class PeakRss(threading.Thread):
         self._stop.set()
 
 
-def start_head(work: Path) -> tuple[subprocess.Popen, str]:
-    gcs, dash = free_port(), free_port()
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={work / 'ray'}",
-           "--object-store-memory=1000000000", f"--dashboard-port={dash}"]
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    head = subprocess.Popen(cmd, stdout=open(work / "head.log", "wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    address = f"127.0.0.1:{gcs}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
-                               capture_output=True, env=env)
-        if probe.returncode == 0:
-            return head, address
-        time.sleep(2)
-    raise RuntimeError(f"the Ray head did not start; see {work / 'head.log'}")
-
-
-def stop_head(head: subprocess.Popen) -> None:
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def count_objects(fs, root: str) -> dict:
     infos = [e for e in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if e.type == pafs.FileType.File]
     units = [e for e in infos if os.path.basename(e.path).startswith("unit-")]
@@ -159,7 +127,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"rows": args.rows, "shards": args.shards, "batch_size": args.batch_size, "s3": args.s3}
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    moto = head = None
+    moto = None
     try:
         extra: list[str] = []
         if args.s3:
@@ -189,8 +157,7 @@ def main() -> int:
         print(f"dataset: {args.rows:,} rows, {report['input_bytes'] / 1e6:.0f} MB in {report['dataset_s']}s",
               file=sys.stderr)
 
-        head, address = start_head(work)
-        common = ["--address", address, *extra]
+        common = extra
         counter = CommittedRows(output_uri, extra[1] if extra else None)
 
         # 1. first run, killed at about half
@@ -261,8 +228,6 @@ def main() -> int:
         print(json.dumps(report, indent=1))
         return 0
     finally:
-        if head is not None:
-            stop_head(head)
         if moto is not None:
             moto.terminate()
         if not args.keep:
