@@ -183,3 +183,27 @@ def test_committed_rows_count_only_committed_units(output):
     assert counter.count() == 2  # the temporary and the foreign file are never counted
     assert progress_line(3, 4, 0.5) == "progress: 3/4 rows committed (75.0%), 0.5 rows/s this run, ETA 0m02s"
     assert progress_line(7, None, None) == "progress: 7 rows committed"
+
+
+def test_run_progress_lines_and_stall_hint():
+    """The run's own progress (pipeline/progress.py RunProgress): from the unit writer's counters,
+    with ok/error and tau; after `stall_s` without a commit while rows remain, the line says so."""
+    import time
+
+    from pipeline.commit import RunCounters
+    from pipeline.progress import RunProgress, progress_line
+
+    assert progress_line(5, 10, 2.0, ok=4, error=1, mean_accepted=3.5, stalled="nothing committed for 3m00s") == \
+        ("progress: 5/10 rows committed (50.0%), 2.0 rows/s this run, ETA 0m02s, this run 4 ok / 1 error, "
+         "mean accepted 3.50; nothing committed for 3m00s")
+    lines = []
+    counters = RunCounters()
+    with RunProgress(total=100, before=40, every_s=0.05, stall_s=0.3, log=lines.append) as progress:
+        progress.watch(counters)
+        time.sleep(0.15)
+        counters.rows, counters.ok, counters.new_tokens, counters.target_forwards = 10, 8, 8 + 24, 8 + 8
+        time.sleep(0.6)
+    assert lines[0].startswith("progress: 40/100 rows committed (40.0%)")
+    later = [line for line in lines if line.startswith("progress: 50/100")]
+    assert later and "this run 8 ok / 2 error" in later[0] and "mean accepted 3.00" in later[0]
+    assert "nothing committed for" in lines[-1]          # no commit for longer than stall_s
