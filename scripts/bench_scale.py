@@ -12,7 +12,7 @@ What it does:
    processes share the driver's fate); SIGKILL when half the rows are committed;
 3. `specllava resume` (a new private Ray); times its first new commit;
 4. `specllava query OUT "select status, count(*) from captions group by 1"` (wall time of the
-   whole command, process start included).
+   whole command, process start included), then count(*) and count(distinct id) over the table.
 It samples each driver's peak RSS (VmHWM from /proc every 0.5 s), counts the objects under the
 output, and prints one JSON object.
 """
@@ -225,6 +225,11 @@ def main() -> int:
         q = subprocess.run(specllava("query", output_uri, "select status, count(*) as n from captions group by 1 "
                                      "order by 1", *extra), capture_output=True, text=True, env=env, cwd=ROOT)
         report["query"] = {"wall_s": round(time.time() - t2, 2), "rc": q.returncode, "out": q.stdout.strip()}
+        # exactly once, checked independently of the run's own counts
+        q = subprocess.run(specllava("query", output_uri, "select count(*) as n, count(distinct id) as ids "
+                                     "from captions", "--format", "json", *extra),
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+        report["exactly_once"] = json.loads(q.stdout)[0] if q.returncode == 0 else q.stderr[-500:]
         print(json.dumps(report, indent=1))
         return 0
     finally:
