@@ -57,17 +57,19 @@ def add_dtype_argument(p, flag: str = "--dtype", *, default: str, auto: bool = F
 
 # --- caption options ------------------------------------------------------------------------
 
-def parse_actors(text: str) -> tuple[int, int]:
-    """`--actors N` or `MIN,MAX` as (min, max)."""
+def parse_actors(text: str) -> tuple[int, int | None]:
+    """`--actors N`, `MIN,MAX` or `auto` as (min, max); max None = one actor per GPU of the cluster."""
+    if text.strip().lower() == "auto":
+        return 1, None
     try:
         parts = [int(p) for p in text.split(",")]
     except ValueError:
-        raise UserError(f"--actors takes N or MIN,MAX, got {text!r}") from None
+        raise UserError(f"--actors takes N or MIN,MAX (or auto), got {text!r}") from None
     if len(parts) == 1:
         return parts[0], parts[0]
     if len(parts) == 2:
         return parts[0], parts[1]
-    raise UserError(f"--actors takes N or MIN,MAX, got {text!r}")
+    raise UserError(f"--actors takes N or MIN,MAX (or auto), got {text!r}")
 
 
 TREE_FLAGS = {"tree_top_k": "top_k", "tree_frontier": "frontier", "tree_depth": "max_depth",
@@ -93,7 +95,8 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     images.add_argument("--image-uri-column", help="column of image URIs (s3://..., http(s)://... or paths) "
                         "instead of bytes")
     p.add_argument("--prompt", help="prompt for rows without a 'prompt' column value")
-    p.add_argument("--actors", default="1", help="caption actors: N or MIN,MAX (autoscaling; default 1)")
+    p.add_argument("--actors", default="auto", help="caption actors: auto (one per GPU the cluster has, "
+                   "at least 1), N, or MIN,MAX (an autoscaling pool); default auto")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="default 1")
     p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "

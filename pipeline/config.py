@@ -28,7 +28,7 @@ class CaptionConfig:
     image_uri_column: str | None = None
     prompt: str = DEFAULT_PROMPT
     actors_min: int = 1
-    actors_max: int = 1
+    actors_max: int | None = 1       # None: one per GPU of the cluster when the run starts (--actors auto)
     gpus_per_actor: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     stage_cpus: float = 0.5          # read, preprocess and write stages (fractions are fine)
@@ -48,7 +48,7 @@ class CaptionConfig:
             object.__setattr__(self, "image_column", None)
         if not self.image_column and not self.image_uri_column:
             raise PipelineError("give an image column or an image URI column")
-        if not 1 <= self.actors_min <= self.actors_max:
+        if not 1 <= self.actors_min <= (self.actors_max if self.actors_max is not None else self.actors_min):
             raise PipelineError(f"--actors needs 1 <= MIN <= MAX, got {self.actors_min},{self.actors_max}")
         if not self.dry_run and not (self.target and self.draft):
             raise PipelineError("a caption run needs --target and --draft (only --dry-run runs without models)")

@@ -99,6 +99,26 @@ def check_layout(out_fs, root: str, output: str) -> None:
                             "use an empty --output")
 
 
+def auto_actors(cluster_gpus: float, gpus_per_actor: float) -> int:
+    """`--actors auto`: one caption actor per `gpus_per_actor` GPUs of the cluster, at least 1."""
+    if gpus_per_actor <= 0:
+        return 1
+    return max(1, int(cluster_gpus // gpus_per_actor))
+
+
+def resolve_resources(config: CaptionConfig) -> CaptionConfig:
+    """GPUs per actor (1 when the cluster has GPUs, else 0) and `--actors auto`, from the cluster
+    as it is now. _run.json keeps what the user asked for (a resume re-resolves on its cluster)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if config.gpus_per_actor is None:
+        config = dataclasses.replace(config, gpus_per_actor=1.0 if gpus else 0.0)
+    if config.actors_max is None:
+        config = dataclasses.replace(config, actors_max=auto_actors(gpus, config.gpus_per_actor))
+    return config
+
+
 def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
     """The lazy Ray Data graph over `specs`, yielding output rows with their ROW_COLUMN."""
     import ray.data
@@ -280,10 +300,8 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         save_plan(plan, out_fs, root)
     mf.write_manifest(config.output, manifest, config.s3_endpoint)
 
-    if config.gpus_per_actor is None:
-        import ray
-        config = dataclasses.replace(config, gpus_per_actor=1.0 if ray.cluster_resources().get("GPU") else 0.0)
-        run["config"] = manifest["config"] = config.to_dict()
+    config = resolve_resources(config)
+    run["resources"] = {"actors": [config.actors_min, config.actors_max], "gpus_per_actor": config.gpus_per_actor}
     start = time.perf_counter()
     writer = None
     try:

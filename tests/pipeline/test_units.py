@@ -97,3 +97,14 @@ def test_unit_writer_commits_complete_units_once_in_row_order(tmp_path):
         assert got.column("id").to_pylist() == [f"r{i}" for i in range(unit * 10, min(rows, unit * 10 + 10))]
     n, ok = unit_footers(fs, data, committed_units(fs, data))
     assert n == writer.counters.rows and ok == writer.counters.ok == sum(1 for i in range(20) if i % 3)
+
+
+def test_actors_auto_is_one_per_gpu_and_at_least_one():
+    from jobs.common import parse_actors
+    from pipeline.run import auto_actors
+
+    assert parse_actors("auto") == (1, None) and parse_actors("2,8") == (2, 8) and parse_actors("3") == (3, 3)
+    assert auto_actors(64.0, 1.0) == 64          # a 64-GPU cluster: 64 caption actors, not 1
+    assert auto_actors(8.0, 2.0) == 4 and auto_actors(1.0, 2.0) == 1
+    assert auto_actors(0.0, 0.0) == 1            # CPU only: one actor
+    assert CaptionConfig(input="i", output="o", dry_run=True, actors_max=None).actors_max is None
