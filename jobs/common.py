@@ -98,6 +98,8 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--actors", default="auto", help="caption actors: auto (one per GPU the cluster has, "
                    "at least 1), N, or MIN,MAX (an autoscaling pool); default auto")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when the cluster has GPUs; cpu: decode on CPU even next to GPUs (default auto)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="default 1")
     p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "
                    "(default 0.5)")

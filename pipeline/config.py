@@ -42,6 +42,7 @@ class CaptionConfig:
     address: str | None = None       # existing Ray cluster; None = the current or a new local one
     commit_rows: int = DEFAULT_COMMIT_ROWS  # rows per committed output file (the unit a kill can lose)
     dry_run: bool = False            # read, decode and check images, commit and write; no model
+    device: str = "auto"             # auto: cuda when the actor has GPUs; cpu: decode on CPU on purpose
 
     def __post_init__(self):
         if self.image_uri_column is not None:
@@ -56,6 +57,8 @@ class CaptionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise PipelineError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise PipelineError("temperature must be >= 0 and top_p in (0, 1]")
         if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor < 0 or self.stage_cpus <= 0:

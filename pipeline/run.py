@@ -106,17 +106,35 @@ def auto_actors(cluster_gpus: float, gpus_per_actor: float) -> int:
     return max(1, int(cluster_gpus // gpus_per_actor))
 
 
+def decide_resources(config: CaptionConfig, cluster_gpus: float) -> CaptionConfig:
+    """GPUs per actor and `--actors auto` for a cluster with `cluster_gpus` GPUs.
+
+    `--device cpu` decodes on CPU (no GPU requested); otherwise GPUs per actor default to 1 when
+    the cluster has GPUs, and asking for none on a cluster that has some is refused: a model
+    silently decoding on CPU next to idle GPUs is never what a user wants.
+    """
+    if config.device == "cpu":
+        if config.gpus_per_actor:
+            raise PipelineError("--device cpu and --gpus-per-actor > 0 contradict each other")
+        config = dataclasses.replace(config, gpus_per_actor=0.0)
+    elif config.gpus_per_actor is None:
+        config = dataclasses.replace(config, gpus_per_actor=1.0 if cluster_gpus else 0.0)
+    elif config.gpus_per_actor == 0 and cluster_gpus and not config.dry_run:
+        raise PipelineError(f"the cluster has {cluster_gpus:g} GPUs but --gpus-per-actor 0 would decode on CPU; "
+                            "pass --device cpu if that is what you want")
+    if config.device == "cuda" and not config.gpus_per_actor:
+        raise PipelineError("--device cuda needs GPUs: the cluster has none (or pass --gpus-per-actor)")
+    if config.actors_max is None:
+        config = dataclasses.replace(config, actors_max=auto_actors(cluster_gpus, config.gpus_per_actor))
+    return config
+
+
 def resolve_resources(config: CaptionConfig) -> CaptionConfig:
-    """GPUs per actor (1 when the cluster has GPUs, else 0) and `--actors auto`, from the cluster
-    as it is now. _run.json keeps what the user asked for (a resume re-resolves on its cluster)."""
+    """decide_resources on the cluster as it is now. _run.json keeps what the user asked for (a
+    resume decides again on its own cluster)."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if config.gpus_per_actor is None:
-        config = dataclasses.replace(config, gpus_per_actor=1.0 if gpus else 0.0)
-    if config.actors_max is None:
-        config = dataclasses.replace(config, actors_max=auto_actors(gpus, config.gpus_per_actor))
-    return config
+    return decide_resources(config, ray.cluster_resources().get("GPU", 0.0))
 
 
 def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):

@@ -108,3 +108,23 @@ def test_actors_auto_is_one_per_gpu_and_at_least_one():
     assert auto_actors(8.0, 2.0) == 4 and auto_actors(1.0, 2.0) == 1
     assert auto_actors(0.0, 0.0) == 1            # CPU only: one actor
     assert CaptionConfig(input="i", output="o", dry_run=True, actors_max=None).actors_max is None
+
+
+def test_resources_never_decode_on_cpu_next_to_gpus_unless_asked():
+    from pipeline.run import decide_resources
+
+    def cfg(**kw):
+        return CaptionConfig(input="i", output="o", target="t", draft="d", actors_max=None, **kw)
+
+    on_gpus = decide_resources(cfg(), cluster_gpus=8.0)
+    assert on_gpus.gpus_per_actor == 1.0 and on_gpus.actors_max == 8
+    cpu_only = decide_resources(cfg(), cluster_gpus=0.0)
+    assert cpu_only.gpus_per_actor == 0.0 and cpu_only.actors_max == 1
+    with pytest.raises(PipelineError, match="would decode on CPU; pass --device cpu"):
+        decide_resources(cfg(gpus_per_actor=0.0), cluster_gpus=8.0)
+    forced = decide_resources(cfg(device="cpu"), cluster_gpus=8.0)
+    assert forced.gpus_per_actor == 0.0 and forced.actors_max == 1
+    with pytest.raises(PipelineError, match="needs GPUs"):
+        decide_resources(cfg(device="cuda"), cluster_gpus=0.0)
+    two_each = decide_resources(cfg(gpus_per_actor=2.0), cluster_gpus=8.0)
+    assert two_each.actors_max == 4
