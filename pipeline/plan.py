@@ -15,9 +15,11 @@ from __future__ import annotations
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -38,9 +40,9 @@ class InputPlan:
     id_type: pa.DataType
     prompt_column: str | None
 
-    @property
+    @cached_property
     def num_rows(self) -> int:
-        return int(pa.compute.sum(self.groups.column("rows")).as_py() or 0) if self.groups.num_rows else 0
+        return int(pc.sum(self.groups.column("rows")).as_py() or 0) if self.groups.num_rows else 0
 
     @property
     def num_units(self) -> int:
@@ -50,9 +52,9 @@ class InputPlan:
     def files(self) -> list[str]:
         return list(dict.fromkeys(self.groups.column("path").to_pylist()))
 
-    @property
+    @cached_property
     def input_bytes(self) -> int:
-        return int(pa.compute.sum(self.groups.column("bytes")).as_py() or 0) if self.groups.num_rows else 0
+        return int(pc.sum(self.groups.column("bytes")).as_py() or 0) if self.groups.num_rows else 0
 
     def unit_rows(self, unit: int) -> int:
         return unit_rows(unit, self.num_rows, self.commit_rows)
