@@ -220,11 +220,15 @@ def local_copy(uri: str, s3_endpoint: str | None = None, cache_dir: str | None =
     import fcntl
 
     os.makedirs(cache_dir, exist_ok=True)
-    with open(f"{target}.lock", "w") as lock:
+    lock_path = f"{target}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if os.path.isdir(target):          # another process on this node copied it while we waited
             return target
         _copy_listed(fs, files, target)
+        # The lock file goes once the copy exists: anyone still waiting on it (or opening it
+        # now) checks for the copy first, and finds it.
+        os.unlink(lock_path)
     return target
 
 
