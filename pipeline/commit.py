@@ -116,7 +116,6 @@ class UnitWriter:
         self._slots = threading.BoundedSemaphore(2 * max_writes)
         self._futures: list[Future] = []
         self._lock = threading.Lock()
-        self._local = isinstance(fs, pafs.LocalFileSystem)
         fs.create_dir(data_path, recursive=True)
 
     @property
@@ -177,13 +176,8 @@ class UnitWriter:
             c.units += 1
 
     def _put(self, table: pa.Table, unit: int) -> None:
-        path = posixpath.join(self.data_path, unit_name(unit))
-        if self._local:  # hidden temporary name, then an atomic rename
-            tmp = posixpath.join(self.data_path, f".{unit_name(unit)}.tmp{threading.get_ident()}")
-            pq.write_table(table, tmp, filesystem=self.fs)
-            self.fs.move(tmp, path)
-        else:            # an S3 object is visible only once its upload completed
-            pq.write_table(table, path, filesystem=self.fs)
+        storage.write_atomic(self.fs, posixpath.join(self.data_path, unit_name(unit)),
+                             lambda target: pq.write_table(table, target, filesystem=self.fs))
 
     def _raise_failed(self) -> None:
         done = [f for f in self._futures if f.done()]

@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import PipelineError
 from pipeline.layout import LEASE_NAME
+from workers import storage
 
 HEARTBEAT_S = 15.0
 STALE_S = 120.0
@@ -103,13 +104,11 @@ class Lease:
         data = json.dumps({**self.record, "heartbeat": time.time()}).encode()
         if isinstance(self.fs, pafs.LocalFileSystem):
             self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with self.fs.open_output_stream(tmp) as stream:
+
+        def write(target: str) -> None:
+            with self.fs.open_output_stream(target) as stream:
                 stream.write(data)
-            self.fs.move(tmp, self.path)
-        else:
-            with self.fs.open_output_stream(self.path) as stream:
-                stream.write(data)
+        storage.write_atomic(self.fs, self.path, write)
 
     # --- life cycle ----------------------------------------------------------------------------
     def acquire(self) -> "Lease":

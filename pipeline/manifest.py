@@ -88,7 +88,9 @@ def write_manifest(output: str, manifest: dict, s3_endpoint: str | None = None) 
     fs, root = storage.resolve(output, s3_endpoint)
     fs.create_dir(root, recursive=True)
     final = posixpath.join(root, MANIFEST_NAME)
-    tmp = posixpath.join(root, f"_run.json.tmp-{time.time_ns()}")
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
-    fs.move(tmp, final)
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+
+    def write(target: str) -> None:
+        with fs.open_output_stream(target) as stream:
+            stream.write(data)
+    storage.write_atomic(fs, final, write)

@@ -174,13 +174,8 @@ def save_plan(plan: InputPlan, out_fs, root: str) -> None:
     meta = {b"commit_rows": str(plan.commit_rows).encode(), b"id_schema": id_schema,
             b"prompt_column": (plan.prompt_column or "").encode()}
     table = plan.groups.replace_schema_metadata(meta)
-    path = posixpath.join(root, PLAN_NAME)
-    if isinstance(out_fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp"
-        pq.write_table(table, tmp, filesystem=out_fs)
-        out_fs.move(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=out_fs)
+    storage.write_atomic(out_fs, posixpath.join(root, PLAN_NAME),
+                         lambda target: pq.write_table(table, target, filesystem=out_fs))
 
 
 def load_plan(out_fs, root: str) -> InputPlan | None:

@@ -59,6 +59,24 @@ def retry_io(fn, *args, delays=IO_RETRY_DELAYS_S, **kwargs):
             time.sleep(delay)
 
 
+def write_atomic(fs: pafs.FileSystem, path: str, write) -> None:
+    """`write(target)` writes a complete file; readers of `path` never see it half-written.
+
+    On an object store an object becomes visible only once its upload completes, so it is
+    written in place (one PUT, no copy). On a local disk it goes to a hidden temporary beside
+    `path` (`.<name>.tmp<pid>-<thread>`) and is renamed.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        write(path)
+        return
+    import threading
+
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.tmp{os.getpid()}-{threading.get_ident()}"
+    write(tmp)
+    fs.move(tmp, path)
+
+
 def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or an s3://bucket/prefix URI."""
     if is_s3(uri):
