@@ -57,31 +57,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=list_command)
 
 
-def _use_auth_token_if_available() -> None:
-    """Like `ray start`: send the local Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token) when RAY_AUTH_MODE is unset. Ray 2.5x+ clusters require it by default."""
-    import logging
-
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
-    except ImportError:  # older Ray: no token authentication
-        return
-    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = log.level
-    log.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is noise here
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        log.setLevel(level)
-
-
 def client(address: str | None):
     from ray.exceptions import RayError
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.run import use_local_auth_token
+
     address = address or default_address()
-    _use_auth_token_if_available()
+    use_local_auth_token()
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:

@@ -97,13 +97,15 @@ class RunProgress:
 
     On a terminal: one tqdm bar (rows committed / total, rows/s, ETA, ok/error, mean accepted
     length). Otherwise (Ray job logs, redirects): one `progress_line` every `every_s` seconds.
-    When nothing has been committed for `stall_s` while rows remain, the line says so and what
-    Ray has free (actors waiting for a GPU or CPUs is the usual reason).
+    When nothing has been committed for `stall_s` while rows remain, the line says so and why:
+    `why()` (default: what Ray has free; a run passes pipeline.watch's, which adds how many
+    actors of each pool run and how many wait for resources — the usual reason).
     """
 
     def __init__(self, total: int, before: int, every_s: float = 10.0, tty: bool = False,
-                 stall_s: float = 180.0, log=None):
+                 stall_s: float = 180.0, log=None, why=None):
         self.total, self.before, self.every_s, self.tty, self.stall_s = total, before, every_s, tty, stall_s
+        self.why = why or ray_resources_hint
         self.log = log or (lambda line: print(line, flush=True))
         self.counters = None
         self._stop = threading.Event()
@@ -133,7 +135,7 @@ class RunProgress:
         stalled = None
         if now - last_change > self.stall_s and self.before + rows < self.total:
             stalled = f"nothing committed for {_duration(now - last_change)}"
-            hint = ray_resources_hint()
+            hint = self.why()
             stalled += f" ({hint})" if hint else ""
         return dict(done=self.before + rows, rows=rows, ok=c.ok if c else 0, error=(c.rows - c.ok) if c else 0,
                     tau=tau, rate=rows / (now - start) if rows else None, stalled=stalled)

@@ -1,9 +1,11 @@
 """Run a caption job: plan the input, stream the rows that still need work through Ray Data,
 commit them in large units, check the table at the end.
 
-    plan (footers; pipeline/plan.py) -> distributed id check (new outputs; pipeline/idcheck.py)
+    plan (footers; pipeline/plan.py) -> can the cluster host the graph? (pipeline/cluster.py)
+      -> distributed id check (new outputs; pipeline/idcheck.py)
       -> Ray Data: read specs -> ShardReader (tasks) -> Preprocessor (CPU actors)
            -> CaptionWorker (actors, integer batch_size)      [--dry-run: -> ImageChecker]
+         (until a caption actor has a node: the start-up watch, pipeline/watch.py)
       -> driver: UnitWriter commits OUTPUT/data/unit-N.parquet per `commit_rows` rows (pipeline/commit.py)
 
 Decode batches are `batch_size` rows; the unit of commit is `commit_rows` rows (default 5,000),
@@ -23,6 +25,7 @@ import pyarrow.fs as pafs
 from decoding.stats import mean_accepted_length
 from pipeline import manifest as mf
 from pipeline import preflight
+from pipeline.cluster import Cluster, caption_request, check_fits, gpu_capacity, read_cluster, unbounded_gpu_types
 from pipeline.commit import RunCounters, UnitWriter, committed_units, foreign_files, remove_temporaries, unit_footers
 from pipeline.config import CaptionConfig, PipelineError
 from pipeline.idcheck import check_ids
@@ -30,6 +33,7 @@ from pipeline.layout import DATA_DIR, LEGACY_CHECKPOINT_DIR
 from pipeline.lease import Lease, new_run_id
 from pipeline.plan import InputPlan, build_plan, check_input_unchanged, load_plan, save_plan
 from pipeline.progress import RunProgress
+from pipeline.watch import StartWatch
 from workers import storage
 
 DRY_RUN_BLOCK_ROWS = 4096  # no decode batch in a dry run: larger blocks, less per-block overhead
@@ -62,6 +66,26 @@ def quiet_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def use_local_auth_token() -> None:
+    """Like `ray start`: send the local Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) when RAY_AUTH_MODE is unset. Ray 2.5x+ clusters require it by default, and
+    `ray.init(address=...)` does not look for it by itself."""
+    import logging
+
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # older Ray: no token authentication
+        return
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is noise here
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        log.setLevel(level)
+
+
 def ensure_ray(address: str | None, verbose: bool = True) -> None:
     """Use the Ray this process is connected to, else connect to `address`, else start a private
     local one.
@@ -83,6 +107,7 @@ def ensure_ray(address: str | None, verbose: bool = True) -> None:
 
     options = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
+        use_local_auth_token()
         ray.init(address=address, **options)
     else:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **options)
@@ -107,7 +132,8 @@ def auto_actors(cluster_gpus: float, gpus_per_actor: float) -> int:
 
 
 def decide_resources(config: CaptionConfig, cluster_gpus: float) -> CaptionConfig:
-    """GPUs per actor and `--actors auto` for a cluster with `cluster_gpus` GPUs.
+    """GPUs per actor and `--actors auto` for a cluster with `cluster_gpus` GPUs (its capacity:
+    pipeline.cluster.gpu_capacity, autoscaling node types included).
 
     `--device cpu` decodes on CPU (no GPU requested); otherwise GPUs per actor default to 1 when
     the cluster has GPUs, and asking for none on a cluster that has some is refused: a model
@@ -120,7 +146,8 @@ def decide_resources(config: CaptionConfig, cluster_gpus: float) -> CaptionConfi
     elif config.gpus_per_actor is None:
         config = dataclasses.replace(config, gpus_per_actor=1.0 if cluster_gpus else 0.0)
     elif config.gpus_per_actor == 0 and cluster_gpus and not config.dry_run:
-        raise PipelineError(f"the cluster has {cluster_gpus:g} GPUs but --gpus-per-actor 0 would decode on CPU; "
+        raise PipelineError(f"the cluster has (or can scale to) {cluster_gpus:g} GPUs but --gpus-per-actor 0 "
+                            "would decode on CPU; "
                             "pass --device cpu if that is what you want")
     if config.device == "cuda" and not config.gpus_per_actor:
         raise PipelineError("--device cuda needs GPUs: the cluster has none (or pass --gpus-per-actor)")
@@ -129,12 +156,19 @@ def decide_resources(config: CaptionConfig, cluster_gpus: float) -> CaptionConfi
     return config
 
 
-def resolve_resources(config: CaptionConfig) -> CaptionConfig:
-    """decide_resources on the cluster as it is now. _run.json keeps what the user asked for (a
-    resume decides again on its own cluster)."""
-    import ray
+def resolve_resources(config: CaptionConfig, cluster: Cluster | None = None) -> CaptionConfig:
+    """decide_resources on the cluster's GPU capacity: the GPUs of its live nodes or, when more,
+    what its autoscaler's node types can reach (GPU nodes at zero count as what they may become).
+    _run.json keeps what the user asked for (a resume decides again on its own cluster)."""
+    import logging
 
-    return decide_resources(config, ray.cluster_resources().get("GPU", 0.0))
+    cluster = cluster if cluster is not None else read_cluster()
+    unbounded = unbounded_gpu_types(cluster)
+    if unbounded and config.actors_max is None and "GPU" not in cluster.max_resources:
+        logging.getLogger(__name__).warning(
+            "--actors auto cannot count the GPUs of node type(s) %s (no max_workers): it counts the "
+            "other node types and the live nodes; pass --actors MIN,MAX to use more", ", ".join(unbounded))
+    return decide_resources(config, gpu_capacity(cluster))
 
 
 def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
@@ -167,7 +201,7 @@ def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
             num_cpus=config.stage_cpus, fn_constructor_kwargs=image_options)
 
     from workers.caption import CaptionWorker
-    from workers.drill import drill_env
+    from workers.drill import drill_env, with_device_drill
     from workers.preprocess import Preprocessor
 
     ds = ds.map_batches(
@@ -178,6 +212,7 @@ def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
                                    prompt_column=plan.prompt_column, **image_options))
     threads = max(1, int(config.cpus_per_actor)) if config.gpus_per_actor == 0 else None
     drills = drill_env()  # tests only (workers/drill.py); actors do not see the driver's later env
+    CaptionWorker = with_device_drill(CaptionWorker)  # the same class unless a test sets SPECLLAVA_DRILL_DEVICE
     return ds.map_batches(
         CaptionWorker, batch_format="pyarrow", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=config.actors_min, max_size=config.actors_max),
@@ -296,6 +331,11 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
     if not verbose:
         quiet_ray()
     ensure_ray(config.address, verbose=verbose)
+    # Before any Ray work (the id check's tasks need a node too): a graph the cluster can never
+    # host fails here, in seconds, instead of waiting forever (pipeline/cluster.py).
+    cluster = read_cluster()
+    resolved = resolve_resources(config, cluster)
+    placement = check_fits(resolved, cluster)
     if new_plan:  # a duplicate id is refused before anything is written
         report = check_ids(plan.files, plan.num_rows, input_uri=config.input, s3_endpoint=config.s3_endpoint,
                            id_column=config.id_column, id_type=plan.id_type, num_cpus=config.stage_cpus)
@@ -318,8 +358,10 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         save_plan(plan, out_fs, root)
     mf.write_manifest(config.output, manifest, config.s3_endpoint)
 
-    config = resolve_resources(config)
-    run["resources"] = {"actors": [config.actors_min, config.actors_max], "gpus_per_actor": config.gpus_per_actor}
+    config = resolved
+    run["resources"] = {"actors": [config.actors_min, config.actors_max], "gpus_per_actor": config.gpus_per_actor,
+                        "cpus_per_actor": config.cpus_per_actor, "gpu_capacity": gpu_capacity(cluster),
+                        "caption_actor_fits": placement}
     start = time.perf_counter()
     writer = None
     try:
@@ -329,10 +371,16 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         run.update(units_before=len(done), input_bytes_read=read_bytes)
         writer = UnitWriter(out_fs, data_path, plan.num_rows, plan.commit_rows, guard=lease.check)
         before = sum(plan.unit_rows(u) for u in done)
-        with RunProgress(plan.num_rows, before, log=log, **progress) as bar:
+        start_watch = StartWatch(caption_request(config), autoscaling=placement == "node type")
+        with RunProgress(plan.num_rows, before, log=log, why=start_watch.why, **progress) as bar:
             bar.watch(writer.counters)
             if specs:
-                execute(build_dataset(config, plan, specs), writer)
+                ds = build_dataset(config, plan, specs)
+                if config.dry_run:
+                    execute(ds, writer)
+                else:
+                    with start_watch:
+                        execute(ds, writer)
         wall = time.perf_counter() - start
         this_run = _run_stats(writer.counters, wall)
         # The check below reads the store too: a failure there (e.g. the store away for longer

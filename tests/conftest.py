@@ -73,8 +73,8 @@ def s3():
 def ray_address(s3):
     """A local Ray shared by every test of the session; yields its GCS address.
 
-    4 logical CPUs on this 2-core box: Ray 2.60's ListFiles task and CheckpointFilter actor
-    each hard-code 1 CPU, so with 2 logical CPUs a resumed run deadlocks (see docs/pipeline.md).
+    4 logical CPUs on this 2-core box: Ray Data's streaming repartition task takes 1 CPU beside
+    the actors' (docs/pipeline.md, Cluster size), and some tests run two stages' worth at once.
     """
     import ray
     import ray.data

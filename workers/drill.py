@@ -8,9 +8,14 @@ user-facing option or `CaptionConfig` (and never land in `_run.json`):
                                            are loaded, "start" and "return" per batch, each with
                                            the actor's pid, a timestamp and the batch's ids
     SPECLLAVA_DRILL_BATCH_DELAY=SECONDS    sleep after each batch (so a kill lands mid-run)
+    SPECLLAVA_DRILL_DEVICE=cpu             load the models on this device whatever the pipeline
+                                           asks: a test head that declares GPUs it does not have
+                                           (`ray start --num-gpus 2`) gets real GPU requests and
+                                           pool sizes, and the models run on CPU
 
 Ray actors do not see variables set in the driver after Ray started, so the pipeline passes
-`drill_env()` to the caption stage's runtime_env, and `specllava submit` to the job's.
+`drill_env()` to the caption stage's runtime_env, and `specllava submit` to the job's. The
+device drill is read in the driver instead (`with_device_drill` wraps the caption class there).
 """
 from __future__ import annotations
 
@@ -20,11 +25,25 @@ import time
 
 LOG_ENV = "SPECLLAVA_DRILL_LOG"
 BATCH_DELAY_ENV = "SPECLLAVA_DRILL_BATCH_DELAY"
+DEVICE_ENV = "SPECLLAVA_DRILL_DEVICE"
 
 
 def drill_env() -> dict[str, str]:
     """The drill variables set in this process (empty in production)."""
     return {name: os.environ[name] for name in (LOG_ENV, BATCH_DELAY_ENV) if os.environ.get(name)}
+
+
+def with_device_drill(worker_cls: type) -> type:
+    """`worker_cls`, or with SPECLLAVA_DRILL_DEVICE set in this process, a subclass of the same
+    name whose constructor gets `device=<that value>` whatever it is passed. Tests only."""
+    device = os.environ.get(DEVICE_ENV)
+    if not device:
+        return worker_cls
+
+    def __init__(self, *args, **kwargs):
+        worker_cls.__init__(self, *args, **dict(kwargs, device=device))
+
+    return type(worker_cls.__name__, (worker_cls,), {"__init__": __init__, "__module__": __name__})
 
 
 class Drill:

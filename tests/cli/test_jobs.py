@@ -1,21 +1,15 @@
 """`specllava submit/status/logs/stop/list` and `resume --submit` against a real Ray head.
 
-The module fixture starts `ray start --head --block` on loopback ports with its own temp dir
-(4 logical CPUs: Ray 2.60's ListFiles task and CheckpointFilter actor need 1 CPU each, see
-docs/pipeline.md), waits for its dashboard, and stops exactly that head afterwards (never
-`ray stop`, which would kill every Ray on the machine). Jobs read and write the session's moto S3.
+The module fixture starts a head with tests/ray_head.py (`ray start --head --block` on loopback
+ports with its own temp dir, 4 logical CPUs), waits for its dashboard, and stops exactly that
+head afterwards (never `ray stop`, which would kill every Ray on the machine). Jobs read and
+write the session's moto S3.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -29,60 +23,14 @@ HEAD_SECRET = "HEAD-FAKE-SECRET-7f3a91"
 SUBMITTER_SECRET = "SUBMITTER-FAKE-SECRET-c24e08"
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(s3, tmp_path_factory):
     """Dashboard address of a fresh Ray head (the s3 fixture's fake credentials are in its env)."""
-    from ray.job_submission import JobSubmissionClient
+    from tests.ray_head import ray_head as start_head
 
-    from jobs.submit import _use_auth_token_if_available
-
-    temp = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    port_flags = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                  "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-                  "node-manager-port", "object-manager-port"]
-    ports = {flag: _free_port() for flag in port_flags}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", "--num-cpus=4", "--object-store-memory=200000000",
-           f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true",
-           *[f"--{flag}={port}" for flag, port in ports.items()]]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               AWS_SECRET_ACCESS_KEY=HEAD_SECRET, AWS_SESSION_TOKEN=HEAD_SECRET + "-token")
-    log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
-    log = open(log_path, "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    _use_auth_token_if_available()
-    deadline = time.time() + 180
-    try:
-        while True:
-            assert head.poll() is None, f"ray start exited: {log_path.read_text()[-3000:]}"
-            try:
-                JobSubmissionClient(address)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                assert time.time() < deadline, f"dashboard never came up: {log_path.read_text()[-3000:]}"
-                time.sleep(1)
-        yield address
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)  # stragglers of this head only
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY=HEAD_SECRET, AWS_SESSION_TOKEN=HEAD_SECRET + "-token")
+    with start_head(tmp_path_factory.mktemp("ray-head"), num_cpus=4, env=env) as head:
+        yield head.dashboard_address
 
 
 def _write_input(s3, bucket: str, shards: int, rows: int, seed: int) -> tuple[str, dict]:
@@ -224,7 +172,9 @@ def test_job_command_errors_exit_2(ray_head, capsys, argv, message):
 
 
 def test_unreachable_address_exits_2(capsys):
-    address = f"http://127.0.0.1:{_free_port()}"
+    from tests.ray_head import free_ports
+
+    address = f"http://127.0.0.1:{free_ports(1)[0]}"
     for argv in (["list"], ["status", "x"], ["submit", "--input", "x", "--output", "y"]):
         code, _, err = _cli_out(capsys, [*argv, "--address", address])
         lines = err.strip().splitlines()
