@@ -17,11 +17,15 @@ models, may still be running): a non-zero pid in the actor table, or ALIVE. An a
 pool without one is waiting for resources. Ray Data names a pool's actor class
 `MapWorker(MapBatches(<callable>))`, which gives the stage.
 
+The actor table is read with `ray._private.state.actors(job_id=...)` (Ray's debugging API: no
+dashboard needed, only this job's actors); when it cannot be read the watch sees no evidence and
+never fires.
+
 The watch thread cannot raise in the thread that iterates the graph; it calls
 `_thread.interrupt_main` with a signal whose handler (installed only while the watch runs, only
-when the run is on the main thread) raises PoolNotStarted there. Ray Data's iterator waits in
-short slices so that interrupts land (as Ctrl-C does). Off the main thread the watch only
-reports, in the progress line.
+when the run is on the main thread) raises there, and the `with` block ends with PoolNotStarted.
+Ray Data's iterator waits in short slices so that interrupts land (as Ctrl-C does). Off the main
+thread the watch only reports, in the progress line.
 """
 from __future__ import annotations
 
@@ -67,10 +71,9 @@ def stage_actors(actors) -> dict[str, StageActors]:
     ActorClassName, State, Pid); dead actors and actors that are not Ray Data's are left out."""
     counts: dict[str, list[int]] = {}
     for actor in actors:
-        stage = _stage_name(actor.get("ActorClassName") or "")
-        if stage is None or actor.get("State") == "DEAD":
+        stage, state = _stage_name(actor.get("ActorClassName") or ""), actor.get("State")
+        if stage is None or state == "DEAD":
             continue
-        state = actor.get("State")
         slot = counts.setdefault(stage, [0, 0])
         slot[0 if state == "ALIVE" or actor.get("Pid") else 1] += 1
     return {stage: StageActors(*n) for stage, n in counts.items()}
