@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+ROOT = -1      # parent index of a depth-1 node: the root is the last accepted token, not a node
+NO_NODE = -1   # padding in node-index tensors (e.g. an accepted path shorter than its row of the batch)
 
 
 @dataclass(frozen=True)

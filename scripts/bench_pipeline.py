@@ -62,7 +62,7 @@ def loop_vs_pipeline(args) -> dict:
     start = time.perf_counter()
     for i in range(0, len(ids), args.batch_size):
         keys = ids[i:i + args.batch_size]
-        worker(pre(pa.table({"id": keys, "image": [images[k] for k in keys]})))
+        worker.caption(pre(pa.table({"id": keys, "image": [images[k] for k in keys]})))
     loop_s = time.perf_counter() - start
     del worker
 

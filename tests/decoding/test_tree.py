@@ -69,7 +69,8 @@ def test_greedy_accept_longest_matching_path():
     logits[0, 1, 12] = 5
     logits[0, 3, 7] = 5
     acc = greedy_accept(tree, logits)
-    assert acc.paths == [[0, 2]] and acc.bonus == [7]
+    assert acc.paths == [[0, 2]] and acc.bonus.tolist() == [7]
+    assert acc.tokens.tolist() == [[10, 12, 7, 0]] and acc.length.tolist() == [2]
 
 
 def test_greedy_accept_root_rejected():
@@ -77,7 +78,7 @@ def test_greedy_accept_root_rejected():
     logits = torch.zeros(1, 6, 20)
     logits[0, 0, 3] = 5
     acc = greedy_accept(tree, logits)
-    assert acc.paths == [[]] and acc.bonus == [3]
+    assert acc.paths == [[]] and acc.bonus.tolist() == [3]
 
 
 def test_greedy_accept_child_of_rejected_node_never_accepted():

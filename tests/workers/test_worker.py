@@ -57,7 +57,7 @@ def test_worker_batch_matches_target_greedy_and_keeps_every_row(preprocessor, wo
                       "prompt": pa.array([prompts.get(k) for k in ids], pa.string())})
     pre = preprocessor(batch)
     assert pre.column("id").to_pylist() == ids
-    out = worker(pre)
+    out = worker.caption(pre)
     assert out.schema == output_schema("id", pa.string())
     rows = {r["id"]: r for r in out.to_pylist()}
     assert list(rows) == ids
@@ -80,7 +80,7 @@ def test_worker_all_error_batch_decodes_nothing(preprocessor, worker):
     batch = pa.table({"id": ["a", "b"], "image": pa.array([b"", corrupt_bytes()], pa.binary()),
                       "prompt": pa.array([None, None], pa.string())})
     before = worker.rows_decoded
-    out = worker(preprocessor(batch))
+    out = worker.caption(preprocessor(batch))
     assert out.column("status").to_pylist() == ["error", "error"]
     assert worker.rows_decoded == before
 
@@ -107,7 +107,7 @@ def test_models_from_s3_prefix(s3, tiny_pair, tmp_path, monkeypatch):
     pre = Preprocessor("s3://models/pair/target", s3_endpoint=s3.endpoint)
     worker = CaptionWorker("s3://models/pair/target", "s3://models/pair/draft", s3_endpoint=s3.endpoint,
                            max_new_tokens=4, torch_threads=1)
-    out = worker(pre(pa.table({"id": ["a"], "image": [png_bytes(3)]})))
+    out = worker.caption(pre(pa.table({"id": ["a"], "image": [png_bytes(3)]})))
     assert out.column("status").to_pylist() == ["ok"]
     copies = sorted(os.listdir(tmp_path / "cache"))
     assert len(copies) == 3  # processor-only copy of the target, full target, full draft
