@@ -3,6 +3,7 @@
     python scripts/bench_pipeline.py loop-vs-pipeline --rows 256 --batch-size 8 [--hidden 64 --layers 2]
     python scripts/bench_pipeline.py continuous --pair mixed --rows 256 --batch-size 8 --max-new-tokens 96
     python scripts/bench_pipeline.py continuous --pair demo --rows 256 --batch-size 8
+    python scripts/bench_pipeline.py join-cost --pair demo --rows 64 --batch-size 8
     (the 10M-row scale benchmark is scripts/bench_scale.py)
 
 loop-vs-pipeline: the same CaptionWorker on the same images, (a) in a plain in-process loop
@@ -20,6 +21,11 @@ state) and their ratio, and whether the two runs' captions are identical. --pair
 pair whose target's EOS logit is raised so that greedy caption lengths spread from a few tokens
 to --max-new-tokens (a stand-in for short and detailed captions); --pair demo is the shipped
 demo pair on its synthetic images. --repeats N alternates the two arms N times (medians).
+
+join-cost: what admitting rows costs the running ones, in-process (no Ray): the caption actor's
+ContinuousBatcher over the pair, all batches submitted at once; reports admissions, rows per
+admission, median prefill seconds per admission next to the median step, the share of decode
+wall time spent in admissions, and the mean rows decoding per step against --batch-size.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -180,6 +187,55 @@ def continuous(args) -> dict:
     return result
 
 
+def join_cost(args) -> dict:
+    import statistics
+
+    import torch
+
+    from decoding import SpeculativeDecoder
+    from decoding.loading import load_llava
+    from workers.batcher import ContinuousBatcher, RowRequest
+    from workers.preprocess import Preprocessor
+
+    torch.set_num_threads(1)
+    work = tempfile.mkdtemp(prefix="bench-join-")
+    if args.pair == "demo":
+        from jobs.common import DEMO_PAIR
+        from training.synthetic import write_shards
+        target, draft = str(DEMO_PAIR / "target"), str(DEMO_PAIR / "draft")
+        write_shards(args.rows, args.rows, os.path.join(work, "in"), seed=0)
+        table = pq.read_table(os.path.join(work, "in"), columns=["id", "image"])
+    else:
+        from tests.pipeline_helpers import png_bytes
+        target, draft = mixed_length_pair(os.path.join(work, "pair"))
+        table = pa.table({"id": [str(i) for i in range(args.rows)], "image": [png_bytes(i, 16) for i in range(args.rows)]})
+    pre = Preprocessor(target)(table)
+    decoder = SpeculativeDecoder(load_llava(target, torch.float32, "cpu"), load_llava(draft, torch.float32, "cpu"))
+    requests = []
+    for row in pre.to_pylist():
+        pixels = torch.tensor(row["pixel_values"], dtype=torch.float32)
+        side = int(round((pixels.numel() / 3) ** 0.5))
+        requests.append(RowRequest(np.asarray(row["input_ids"]), pixels.reshape(1, 3, side, side)))
+    batcher = ContinuousBatcher(decoder.engine(max_new_tokens=args.max_new_tokens), max_rows=args.batch_size,
+                                record_history=True, torch_threads=1)
+    start = time.perf_counter()
+    futures = [batcher.submit(requests[i:i + args.batch_size]) for i in range(0, len(requests), args.batch_size)]
+    for f in futures:
+        f.result()
+    wall = time.perf_counter() - start
+    batcher.close()
+    shutil.rmtree(work, ignore_errors=True)
+    st = batcher.stats
+    return {"pair": args.pair, "rows": args.rows, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, "admissions": st.admissions,
+            "rows_per_admission": round(st.admitted_rows / st.admissions, 2),
+            "median_admission_s": round(statistics.median(s for _, s in st.admit_log), 4),
+            "median_step_s": round(statistics.median(s for _, s in st.step_log), 4),
+            "admission_share_of_wall": round(st.prefill_s / wall, 3),
+            "mean_rows_per_step": round(st.row_steps / st.steps, 2), "steps": st.steps,
+            "images_per_s": round(args.rows / wall, 2)}
+
+
 def steady_state(data_dir: str) -> float | None:
     """Images/s between the first and the last committed output file (startup excluded)."""
     files = sorted((os.path.getmtime(os.path.join(data_dir, f)), os.path.join(data_dir, f))
@@ -211,8 +267,14 @@ def main():
     c.add_argument("--in-flight", type=int, default=8, help="--max-concurrent-batches of the continuous arm")
     c.add_argument("--commit-rows", type=int, default=32)
     c.add_argument("--repeats", type=int, default=1)
+    j = sub.add_parser("join-cost")
+    j.add_argument("--pair", choices=["mixed", "demo"], default="demo")
+    j.add_argument("--rows", type=int, default=64)
+    j.add_argument("--batch-size", type=int, default=8)
+    j.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
-    result = loop_vs_pipeline(args) if args.cmd == "loop-vs-pipeline" else continuous(args)
+    commands = {"loop-vs-pipeline": loop_vs_pipeline, "continuous": continuous, "join-cost": join_cost}
+    result = commands[args.cmd](args)
     print(json.dumps({"bench": args.cmd, **result}))
 
 

@@ -70,7 +70,9 @@ class BatcherStats:
     step_s: float = 0.0
     row_steps: int = 0                    # sum over steps of active rows (mean batch = row_steps/steps)
     max_active: int = 0
-    history: list = field(default_factory=list)   # (active rows) per step, when record_history
+    history: list = field(default_factory=list)   # active rows per step, when record_history
+    step_log: list = field(default_factory=list)  # (active rows, seconds) per step, when record_history
+    admit_log: list = field(default_factory=list)  # (rows, seconds) per admission, when record_history
 
 
 class ContinuousBatcher:
@@ -160,9 +162,12 @@ class ContinuousBatcher:
         pixel_values = torch.cat(pixels) if pixels else None
         seeds = [r.request.seed for r in rows] if self.engine.options.sampling else None
         finished = self.engine.add(input_ids, attention_mask, pixel_values, keys=keys, seeds=seeds)
+        elapsed = time.perf_counter() - t0
         self.stats.admissions += 1
         self.stats.admitted_rows += len(rows)
-        self.stats.prefill_s += time.perf_counter() - t0
+        self.stats.prefill_s += elapsed
+        if self._record:
+            self.stats.admit_log.append((len(rows), elapsed))
         self._deliver(finished)
 
     def _step(self) -> None:
@@ -172,9 +177,11 @@ class ContinuousBatcher:
         self.stats.steps += 1
         self.stats.row_steps += active
         self.stats.max_active = max(self.stats.max_active, active)
-        self.stats.step_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.stats.step_s += elapsed
         if self._record:
             self.stats.history.append(active)
+            self.stats.step_log.append((active, elapsed))
         self._deliver(result.finished)
 
     def _deliver(self, finished) -> None:
