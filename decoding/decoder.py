@@ -34,9 +34,11 @@ class SpeculativeDecoder:
         # Optional observer called after every verify step with (tree, acceptance); used by
         # the tree-budget calibration (budget.py). None in normal use.
         self.step_observer = None
+        # Optional budget.BudgetTable: the tree per active batch size (None: `tree` at every step).
+        self.budget = None
 
     def set_tree(self, tree: TreeConfig) -> None:
-        """Use another tree shape from the next call on (e.g. one picked by budget.choose_tree)."""
+        """Use another tree shape from the next call on (when no `budget` table is set)."""
         self.tree = tree
         self.drafter.config = tree
 

@@ -94,9 +94,10 @@ class TreeDrafter:
         return logits[torch.arange(B, device=pending.device), pending_len - 1]
 
     def propose(self, state: KVState, pending: Tensor, pending_len: Tensor, max_depth: int,
-                temperature: float) -> tuple[DraftTree, int]:
-        """Grow one tree per row. Returns the tree and the number of draft forwards made."""
-        cfg = self.config
+                temperature: float, config: TreeConfig | None = None) -> tuple[DraftTree, int]:
+        """Grow one tree per row (shape `config`, default self.config). Returns the tree and the
+        number of draft forwards made."""
+        cfg = config or self.config
         device = pending.device
         B = pending.shape[0]
         root_lp = self._logprobs(self.feed_pending(state, pending, pending_len), temperature)

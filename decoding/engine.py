@@ -38,6 +38,7 @@ from .tree import DraftTree, verify_positions, verify_visibility
 from .verify import Acceptance, greedy_accept, inverse_cdf, sample_accept, target_probs
 
 SEED_BITS = 63
+PENDING_CAP = 16   # steps without drafting let the draft's backlog grow up to this, then feed it
 
 
 def row_seed(seed: int, key) -> int:
@@ -137,6 +138,10 @@ class SpeculativeEngine:
         self.device = model_device(decoder.target)
         self._tgt = self._drf = None
         self._rows: _Rows | None = None
+        # The tree of a step, from the number of active rows: the decoder's budget table when it
+        # has one (budget.py; None there = a plain target step, no drafting), else its TreeConfig.
+        budget = getattr(decoder, "budget", None)
+        self.tree_for = budget.lookup if budget is not None else (lambda active: decoder.tree)
         # Optional observer called after every verify with (tree, acceptance); the tree-budget
         # calibration (budget.py) uses it. None in normal use.
         self.step_observer = None
@@ -145,6 +150,7 @@ class SpeculativeEngine:
         """An empty engine with the same pair and options (after an error left this one unusable)."""
         engine = SpeculativeEngine(self.decoder, self.options)
         engine.step_observer = self.step_observer
+        engine.tree_for = self.tree_for
         return engine
 
     @property
@@ -231,14 +237,20 @@ class SpeculativeEngine:
             return StepResult(rows=0, accepted=[], nodes=0, draft_forwards=0, draft_s=0.0, verify_s=0.0)
         B = len(rows.keys)
         remaining = opts.max_new_tokens - min(len(o) for o in rows.outputs)
-        depth = min(dec.tree.max_depth, remaining - 1)
+        shape = self.tree_for(B)
+        depth = min(shape.max_depth, remaining - 1) if shape is not None else 0
 
         _sync(self.device)
         t0 = time.perf_counter()
         if depth >= 1:
-            tree, n_draft = dec.drafter.propose(self._drf, rows.pending, rows.pending_len, depth, opts.temperature)
-        else:  # every row needs a single token: the target alone gives it
+            tree, n_draft = dec.drafter.propose(self._drf, rows.pending, rows.pending_len, depth, opts.temperature,
+                                                shape)
+        else:  # no drafting this step (the budget says it cannot pay, or one token is left): target alone
             tree, n_draft = _empty_tree(B, self.device), 0
+            if rows.pending.shape[1] >= PENDING_CAP:   # keep the draft's backlog short
+                dec.drafter.feed_pending(self._drf, rows.pending, rows.pending_len)
+                rows.pending, rows.pending_len = rows.pending[:, :0], torch.zeros_like(rows.pending_len)
+                n_draft = 1
         _sync(self.device)
         t1 = time.perf_counter()
         tokens = torch.cat([rows.last.unsqueeze(1), tree.tokens], dim=1)
@@ -272,7 +284,11 @@ class SpeculativeEngine:
             accepted.append(st.accepted_lengths[-1])
             if kept is not None:
                 finished_at.append(i)
-        rows.pending, rows.pending_len, rows.last = acc.tokens, acc.length + 1, acc.bonus
+        if n_draft and depth >= 1:   # the draft saw every pending token: the step's tokens are the new backlog
+            rows.pending, rows.pending_len = acc.tokens, acc.length + 1
+        else:                        # nothing fed (or the backlog just fed): append to what the draft has not seen
+            rows.pending, rows.pending_len = _append_rows(rows.pending, rows.pending_len, acc.tokens, acc.length + 1)
+        rows.last = acc.bonus
         rows.produced = rows.produced + acc.length + 1
         result = StepResult(rows=B, accepted=accepted, nodes=sum(h[1] for h in host), draft_forwards=n_draft,
                             draft_s=t1 - t0, verify_s=t2 - t1)
@@ -336,6 +352,15 @@ def default_top_k(target) -> int:
         defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
         top_k = defaults().get("top_k", 0) if defaults else 0
     return int(top_k or 0)
+
+
+def _append_rows(a: Tensor, a_len: Tensor, b: Tensor, b_len: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, b[:b_len] appended after a[:a_len] (right-padded rows).  [B, P] + [B, Q] -> [B, P+Q]."""
+    B, Q = b.shape
+    out = torch.cat([a, torch.zeros_like(b)], dim=1)
+    index = a_len.unsqueeze(1) + torch.arange(Q, device=b.device)
+    out.scatter_(1, index, b)
+    return out, a_len + b_len
 
 
 def _right_pad(t: Tensor, width: int) -> Tensor:

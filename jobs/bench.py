@@ -5,7 +5,8 @@ On the same images and prompt, in one process, methods are interleaved round aft
   target_greedy  HF `generate(do_sample=False)` on the target alone (the reference output);
   hf_assisted    HF assisted generation with the same draft (a chain; batch 1 only, HF raises above);
   static_tree    our decoder with a fixed-shape tree (top-k siblings along the draft's greedy chain);
-  dynamic_tree   our decoder with the dynamic tree (budget chosen on this device unless --no-budget).
+  dynamic_tree   our decoder with the dynamic tree; its shape per active batch size (or no drafting
+                 where a tree cannot pay) is measured on this device first, unless --no-budget.
 Per method and batch size: tokens/s, mean accepted length tau (decoding.stats.mean_accepted_length),
 target forwards per token, and token match rate against target_greedy.
 
@@ -233,7 +234,7 @@ def run(args) -> int:
     import torch
 
     from decoding import SpeculativeDecoder, TreeConfig
-    from decoding.budget import choose_tree
+    from decoding.budget import choose_table
     from decoding.loading import parse_dtype
     from decoding.stats import mean_accepted_length
     from jobs.charts import bench_chart
@@ -267,10 +268,14 @@ def run(args) -> int:
     budget = None
     if "dynamic_tree" in methods and not args.no_budget:
         ids, mask, pixels = encode(processor, text, images[: min(4, len(images))], args.device, dtype)
-        budget = choose_tree(dynamic, ids, mask, pixels, max_new_tokens=min(args.max_new_tokens, 32))
-        dynamic.set_tree(budget.tree)
-        log(f"budget: max_nodes={budget.tree.max_nodes} max_depth={budget.tree.max_depth} "
-            f"(verify ms by tree size: {budget.to_dict()['verify_ms']})")
+        budget = choose_table(dynamic, ids, mask, pixels, batch_sizes=batch_sizes,
+                              max_new_tokens=min(args.max_new_tokens, 32))
+        dynamic.budget = budget
+        for entry in budget.entries:
+            shape = "no drafting" if entry.tree is None else (f"max_nodes={entry.tree.max_nodes} "
+                                                              f"max_depth={entry.tree.max_depth}")
+            log(f"budget at batch >= {entry.batch_size}: {shape} (step ms: "
+                f"{ {k: round(v * 1e3, 1) for k, v in entry.step_s.items()} })")
     decoders = {"static_tree": SpeculativeDecoder(target, draft, static), "dynamic_tree": dynamic}
 
     runs = []

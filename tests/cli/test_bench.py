@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoding import SpeculativeDecoder, TreeConfig
-from decoding.budget import calibrate_tau, choose_tree, forward_latency
+from decoding.budget import BudgetEntry, BudgetTable, calibrate_tau, choose_table, forward_latency, tau_from_steps
 from decoding.testing import make_tiny_llava
 from jobs.bench import best_lines, best_per_method, parse_batch_sizes, resolve_images, speedup_best_vs_best
 from jobs.charts import bench_chart
@@ -171,14 +171,42 @@ def test_calibrated_tau_grows_with_budget_and_depth():
         assert tau[(n, 1)] <= tau[(n, 3)] <= tau[(n, 6)]
 
 
-def test_choose_tree_picks_from_grid():
+def test_choose_table_measures_each_batch_size():
     target, draft = _pair()
-    ids, mask, pixels = random_batch(target, 1, [4], seed=1)
+    ids, mask, pixels = random_batch(target, 2, [4, 7], seed=1)
     decoder = SpeculativeDecoder(target, draft)
-    report = choose_tree(decoder, ids, mask, pixels, max_new_tokens=12, max_nodes_grid=(2, 8), depth_grid=(2, 4))
-    assert (report.tree.max_nodes, report.tree.max_depth) in report.tau
-    assert set(report.verify_s) == {2, 8}
-    assert json.dumps(report.to_dict())
+    table = choose_table(decoder, ids, mask, pixels, batch_sizes=(1, 4), max_new_tokens=12,
+                         shapes=((1, 1), (4, 2)), steps=1)
+    assert [e.batch_size for e in table.entries] == [1, 4]
+    for e in table.entries:
+        assert set(e.step_s) == {"1,1", "4,2", "none"} and all(v > 0 for v in e.step_s.values())
+        best = max(e.predicted_tps, key=e.predicted_tps.get)
+        assert (e.tree is None) == (best == "none")
+        if e.tree is not None:
+            assert f"{e.tree.max_nodes},{e.tree.max_depth}" == best
+        assert e.predicted_tps["none"] == pytest.approx(1 / e.step_s["none"])
+    assert decoder.budget is None and json.dumps(table.to_dict())
+
+
+def test_budget_table_lookup_by_active_rows():
+    chain, bushy = TreeConfig(max_nodes=1, max_depth=1), TreeConfig()
+    table = BudgetTable(entries=[BudgetEntry(1, bushy), BudgetEntry(8, chain), BudgetEntry(32, None)])
+    assert [table.lookup(b) for b in (1, 2, 7)] == [bushy] * 3
+    assert [table.lookup(b) for b in (8, 31)] == [chain] * 2
+    assert table.lookup(32) is None and table.lookup(500) is None
+    assert BudgetTable(entries=[BudgetEntry(8, chain)]).lookup(1) == chain   # below every entry: the smallest
+
+
+def test_tau_ranks_nodes_among_shallow_candidates_only():
+    """A depth-2 path node ranked 3rd overall but 1st among depth<=1... candidates is kept with
+    n=2 at d=2 only if fewer than 2 candidates of depth <= 2 rank before it."""
+    # candidates: A (depth 1, rank 0), X (depth 3, rank 1), Y (depth 3, rank 2), B (depth 2, rank 3)
+    # accepted path: A then B
+    step = ([0, 3], [1, 2], [0, 1, 2, 3], [1, 3, 3, 2])
+    tau = tau_from_steps([step], (2, 4), (2, 3))
+    assert tau[(2, 2)] == 3.0     # at d=2, X and Y do not exist: B is 2nd -> kept (the old estimate said 2.0)
+    assert tau[(2, 3)] == 2.0     # at d=3, A, X, Y rank before B: not kept with n=2
+    assert tau[(4, 3)] == 3.0
 
 
 def test_forward_latency_positive():

@@ -7,6 +7,7 @@ same per-position uniforms, computed here without the decoder.
 """
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -224,3 +225,38 @@ def test_default_top_k_is_what_generate_applies():
     assert default_top_k(target) == 7
     target.generation_config.top_k = 0
     assert default_top_k(target) == 0
+
+
+def test_budget_table_switching_shapes_and_skipping_drafts_stays_exact():
+    """The engine looks the tree up per active batch size; steps without drafting let the draft's
+    backlog grow (fed once it reaches PENDING_CAP) and output stays the target's greedy output."""
+    from decoding.budget import BudgetEntry, BudgetTable
+    from decoding.engine import PENDING_CAP
+
+    target = target_model("qwen2", "default", 2)
+    draft = copy.deepcopy(target)   # a perfect draft: any error in the draft's state shows as lost acceptance
+    ids, mask, pixels = random_batch(target, 8, [5, 17, 2, 9, 30, 4, 12, 7], seed=13)
+    decoder = SpeculativeDecoder(target, draft)
+    decoder.budget = BudgetTable(entries=[BudgetEntry(1, TreeConfig(threshold=0.0)), BudgetEntry(2, None),
+                                          BudgetEntry(4, TreeConfig(max_nodes=1, max_depth=1)), BudgetEntry(6, None)])
+    max_new = PENDING_CAP + 14
+    engine = decoder.engine(max_new_tokens=max_new, eos_token_id=[])
+    widths = []
+    original = engine.step
+
+    def watched():
+        widths.append(engine._rows.pending.shape[1])
+        return original()
+
+    engine.step = watched
+    done = run_waves(engine, [wave_of(ids, mask, pixels, [0, 1, 2, 3, 4, 5, 6]), wave_of(ids, mask, pixels, [7])],
+                     [0, PENDING_CAP + 3])
+    assert max(widths) >= PENDING_CAP        # the backlog really grew and was fed
+    for b in range(8):
+        assert done[b].tokens == target_greedy(target, *solo(ids, mask, pixels, b), max_new, None)[0], b
+    # The late row had steps without drafting (one token each) while seven rows were active, then,
+    # alone, tree steps that accept the full depth: its draft state survived the backlog.
+    late = done[7].stats
+    assert late.accepted_lengths[0] == 1 and late.tree_nodes[0] == 0
+    full = [a for a, n in zip(late.accepted_lengths[:-1], late.tree_nodes[:-1]) if n > 1]
+    assert full and all(a == TreeConfig().max_depth + 1 for a in full), late.accepted_lengths
