@@ -111,6 +111,8 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
     steps: list[tuple[list[int], list[int], list[int], list[int]]] = []
 
     def observe(tree, acc):
+        if tree.rank is None:   # a step that drafted nothing (one token left): not a tree's acceptance
+            return
         ranks, depths, valid = tree.rank.tolist(), tree.depths.tolist(), tree.valid.tolist()
         for b, path in enumerate(acc.paths):
             cand = [i for i, ok in enumerate(valid[b]) if ok]
@@ -170,24 +172,24 @@ def step_seconds(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
     engine = decoder.engine(max_new_tokens=10 ** 6, eos_token_id=[])
     engine.add(ids, mask, pixels)
     device = model_device(decoder.target)
-    result = {}
-    for shape in shapes:
-        tree = None if shape is None else replace(decoder.tree, max_nodes=shape[0], max_depth=shape[1])
-        engine.tree_for = lambda active, tree=tree: tree
-        times = []
-        for _ in range(steps + 1):   # the first absorbs switching costs (a backlog fed to the draft)
+    trees = {shape: None if shape is None else replace(decoder.tree, max_nodes=shape[0], max_depth=shape[1])
+             for shape in shapes}
+    times: dict = {shape: [] for shape in shapes}
+    for round_ in range(steps + 1):   # shapes interleaved, so drift on a shared machine hits all alike
+        for shape in shapes:
+            engine.tree_for = lambda active, tree=trees[shape]: tree
             _sync(device)
             t0 = time.perf_counter()
             engine.step()
             _sync(device)
-            times.append(time.perf_counter() - t0)
-        result[shape] = statistics.median(times[1:])
-    return result
+            if round_:                # round 0 is a warm-up
+                times[shape].append(time.perf_counter() - t0)
+    return {shape: statistics.median(t) for shape, t in times.items()}
 
 
 def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values,
                  batch_sizes=DEFAULT_BATCH_SIZES, max_new_tokens: int = 32, shapes=DEFAULT_SHAPES,
-                 steps: int = 2) -> BudgetTable:
+                 steps: int = 3) -> BudgetTable:
     """Calibrate acceptance once and step costs per batch size on this device; return the table
     (not applied: set `decoder.budget = table`)."""
     shapes = tuple(shapes)

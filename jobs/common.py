@@ -127,6 +127,9 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--tree-frontier", type=int, help="nodes expanded per draft level (default 4)")
     p.add_argument("--tree-depth", type=int, help="draft levels per step (default 6)")
     p.add_argument("--tree-nodes", type=int, help="tree size verified per step (default 24)")
+    p.add_argument("--tree-budget", default="auto", choices=["auto", "off"], help="auto: each caption actor "
+                   "measures on its device which tree (or no drafting) is fastest at each active batch size up to "
+                   "--batch-size, before its first batch; off: the --tree-* shape at every step (default auto)")
     p.add_argument("--tree-threshold", type=float, help="drop children below this draft probability "
                    "(default 0.05)")
     add_progress_argument(p)

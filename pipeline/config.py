@@ -39,6 +39,7 @@ class CaptionConfig:
     top_k: int | None = None         # None: what the target's generate applies (its generation config, else 50)
     seed: int | None = None          # sampling: a row's caption depends only on (seed, id)
     max_concurrent_batches: int = 8  # input batches in flight per caption actor (1 = no continuous batching)
+    tree_budget: str = "auto"        # auto: each actor measures the tree per active batch size; off: `tree` always
     tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
     dtype: str = "auto"
     address: str | None = None       # existing Ray cluster; None = the current or a new local one
@@ -61,6 +62,8 @@ class CaptionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.tree_budget not in ("auto", "off"):
+            raise PipelineError(f"--tree-budget must be auto or off, got {self.tree_budget!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise PipelineError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

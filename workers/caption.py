@@ -37,6 +37,9 @@ class CaptionWorker:
             top_k None = what the target's `generate` applies, 0 = off).
         seed: sampling seed; a row's caption then depends only on (seed, row id).
         batch_size: rows decoding at once (the engine admits new rows as others finish).
+        tree_budget: "auto" measures, on the first rows this actor sees, which tree shape (or no
+            drafting) gives the most tokens/s at each active batch size up to batch_size
+            (decoding.budget.choose_table) and uses that table; "off" uses `tree` at every step.
         tree: dict of `decoding.TreeConfig` fields (None: defaults).
         device: "auto" (cuda when available), "cpu" or "cuda".
         dtype: "auto" (fp16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
@@ -50,7 +53,7 @@ class CaptionWorker:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
                  tree: dict | None = None, s3_endpoint: str | None = None, device: str = "auto",
                  dtype: str = "auto", torch_threads: int | None = None, seed: int | None = None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, tree_budget: str = "off"):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -76,6 +79,11 @@ class CaptionWorker:
         self.seed = seed
         self.batcher = ContinuousBatcher(self.engine, max_rows=batch_size, pad_token_id=self.pad_token_id,
                                          torch_threads=torch_threads)
+        if tree_budget not in ("auto", "off"):
+            raise ValueError(f"tree_budget must be 'auto' or 'off', got {tree_budget!r}")
+        self.batch_size = batch_size
+        self.budget_pending = tree_budget == "auto"
+        self.budget = None   # the measured table (a dict) once tree_budget="auto" has run
         self.drill = Drill()
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
         self.drill.event("init")
@@ -109,7 +117,25 @@ class CaptionWorker:
         self.drill.event("start", drill_ids)
         status = batch.column("status").to_pylist()
         ok = [i for i in range(batch.num_rows) if status[i] == STATUS_OK]
-        return self.batcher.submit(self._requests(batch, ok)), ok, drill_ids
+        requests = self._requests(batch, ok)
+        if self.budget_pending and requests:
+            self._calibrate(requests[:4])
+        return self.batcher.submit(requests), ok, drill_ids
+
+    def _calibrate(self, requests: list[RowRequest]) -> None:
+        """--tree-budget auto: measure the budget table on this device, once, before decoding."""
+        from decoding.budget import DEFAULT_BATCH_SIZES, choose_table
+        from workers.batcher import left_pad
+
+        self.budget_pending = False
+        ids, mask = left_pad([r.input_ids for r in requests], self.pad_token_id)
+        pixels = torch.cat([r.pixel_values for r in requests])
+        sizes = sorted({b for b in DEFAULT_BATCH_SIZES if b < self.batch_size} | {self.batch_size})
+        table = choose_table(self.decoder, ids, mask, pixels, batch_sizes=sizes,
+                             max_new_tokens=min(32, self.engine.options.max_new_tokens))
+        self.decoder.budget = table
+        self.batcher.engine.tree_for = table.lookup
+        self.budget = table.to_dict()
 
     def _finish(self, batch: pa.Table, ok: list[int], results: list, drill_ids) -> pa.Table:
         n = batch.num_rows
