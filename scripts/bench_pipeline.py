@@ -160,7 +160,8 @@ def continuous(args) -> dict:
             out = os.path.join(work, f"out-{name}-{r}")
             config = CaptionConfig(input=inp, output=out, target=target, draft=draft, batch_size=args.batch_size,
                                    max_new_tokens=args.max_new_tokens, cpus_per_actor=1.0, stage_cpus=0.25,
-                                   actors_max=1, max_concurrent_batches=in_flight, commit_rows=args.commit_rows)
+                                   actors_max=1, max_concurrent_batches=in_flight, commit_rows=args.commit_rows,
+                                   tree_budget=args.tree_budget)
             summary = run_caption(config)
             assert summary["status"] == "finished", summary
             table = pads.dataset(os.path.join(out, DATA_DIR), format="parquet").to_table(
@@ -177,7 +178,7 @@ def continuous(args) -> dict:
         values = [run[key] for run in runs[name] if run[key] is not None]
         return round(statistics.median(values), 2) if values else None
 
-    result = {"pair": args.pair, "rows": args.rows, "batch_size": args.batch_size,
+    result = {"pair": args.pair, "rows": args.rows, "batch_size": args.batch_size, "tree_budget": args.tree_budget,
               "max_new_tokens": args.max_new_tokens, "in_flight": args.in_flight, "repeats": args.repeats,
               "caption_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
               "captions_identical": identical, "runs": runs}
@@ -267,6 +268,8 @@ def main():
     c.add_argument("--in-flight", type=int, default=8, help="--max-concurrent-batches of the continuous arm")
     c.add_argument("--commit-rows", type=int, default=32)
     c.add_argument("--repeats", type=int, default=1)
+    c.add_argument("--tree-budget", choices=["auto", "off"], default="off",
+                   help="off (default) isolates the batching effect: both arms use the default tree")
     j = sub.add_parser("join-cost")
     j.add_argument("--pair", choices=["mixed", "demo"], default="demo")
     j.add_argument("--rows", type=int, default=64)
