@@ -85,6 +85,7 @@ class CaptionWorker:
         self.budget_pending = tree_budget == "auto"
         self.budget = None   # the measured table (a dict) once tree_budget="auto" has run
         self.drill = Drill()
+        self._drill_lock = None
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
         self.drill.event("init")
 
@@ -165,8 +166,11 @@ class CaptionWorker:
         """Ray Data's entry point: several calls wait here at once while the batcher decodes."""
         future, ok, drill_ids = self._start(batch)
         results = await asyncio.wrap_future(future)
-        if self.drill.batch_delay_s:
-            await asyncio.sleep(self.drill.batch_delay_s)
+        if self.drill.batch_delay_s:   # drills: returns one batch per delay, as a serial actor would
+            if self._drill_lock is None:
+                self._drill_lock = asyncio.Lock()
+            async with self._drill_lock:
+                await asyncio.sleep(self.drill.batch_delay_s)
         return self._finish(batch, ok, results, drill_ids)
 
     def caption(self, batch: pa.Table) -> pa.Table:
