@@ -10,8 +10,9 @@ is a table over active batch sizes, looked up at every step as rows finish or jo
    depth bound d, pruning sees only candidates of depth <= d (the draft grows depth by depth, so
    those are the same candidates) and keeps the n best of them, ancestors first; a path node is
    kept iff its rank among the candidates of depth <= d is < n. tau(n, d) = 1 + the accepted
-   path's kept prefix, averaged over steps — the same steps for every (n, d), and exact for
-   greedy decoding, whose tokens do not depend on the tree.
+   path's kept prefix, averaged over steps: for each calibration step, exactly what a tree
+   (n, d) would have accepted there (greedy tokens do not depend on the tree; a real run with
+   (n, d) would meet other step boundaries, so tau is an estimate over those contexts).
 2. Cost, per batch size B: the wall time of whole engine steps at B rows (drafting, verify,
    acceptance, cache roll-forward and every fixed cost of a step) for each candidate shape and
    for a plain target step, measured on this device.

@@ -163,12 +163,13 @@ def test_calibrated_tau_grows_with_budget_and_depth():
     target, draft = _pair()
     ids, mask, pixels = random_batch(target, 2, [3, 6], seed=0)
     decoder = SpeculativeDecoder(target, draft, TreeConfig(threshold=0.0))
-    tau = calibrate_tau(decoder, ids, mask, pixels, 24, (1, 4, 16), (1, 3, 6))
+    tau = calibrate_tau(decoder, ids, mask, pixels, 24, (1, 4, 16, 10 ** 6), (1, 3, 6))
     assert decoder.tree == TreeConfig(threshold=0.0) and decoder.step_observer is None   # restored
     for d in (1, 3, 6):
-        assert 1.0 <= tau[(1, d)] <= tau[(4, d)] <= tau[(16, d)] <= d + 1
-    for n in (1, 4, 16):
-        assert tau[(n, 1)] <= tau[(n, 3)] <= tau[(n, 6)]
+        assert 1.0 <= tau[(1, d)] <= tau[(4, d)] <= tau[(16, d)] <= tau[(10 ** 6, d)] <= d + 1
+    # With room for every candidate, deeper trees never accept less. With a small budget they may:
+    # deeper chain nodes rank first and push accepted shallow siblings out (the estimate says so).
+    assert tau[(10 ** 6, 1)] <= tau[(10 ** 6, 3)] <= tau[(10 ** 6, 6)]
 
 
 def test_choose_table_measures_each_batch_size():
