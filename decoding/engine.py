@@ -262,9 +262,9 @@ class SpeculativeEngine:
                                 opts.temperature, opts.top_p, opts.top_k)
         else:
             acc = greedy_accept(tree, logits, max(depth, 0))
-        self._commit_target(acc)
         # The one host read of the step: tokens, lengths and node counts of every row.
         host = torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1).tolist()
+        self._commit_target(acc, 1 + max(h[0] for h in host))
         _sync(self.device)
         t2 = time.perf_counter()
         if self.step_observer is not None:
@@ -297,11 +297,13 @@ class SpeculativeEngine:
             self._drop(set(finished_at))
         return result
 
-    def _commit_target(self, acc: Acceptance) -> None:
-        """Keep the root slot and the accepted nodes' slots of the target cache."""
-        B, A = acc.nodes.shape
-        index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=self.device), acc.nodes.clamp(min=0) + 1], 1)
-        keep = torch.arange(A + 1, device=self.device).unsqueeze(0) <= acc.length.unsqueeze(1)
+    def _commit_target(self, acc: Acceptance, width: int) -> None:
+        """Keep the root slot and the accepted nodes' slots of the target cache: `width` slots per
+        row (1 + the longest accepted path of the batch; shorter rows get holes)."""
+        B = acc.nodes.shape[0]
+        nodes = acc.nodes[:, : width - 1]
+        index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=self.device), nodes.clamp(min=0) + 1], 1)
+        keep = torch.arange(width, device=self.device).unsqueeze(0) <= acc.length.unsqueeze(1)
         self._tgt.commit_tail(index, keep)
 
     def _finish(self, rows: _Rows, i: int) -> FinishedRow:

@@ -220,14 +220,18 @@ def join_cost(args) -> dict:
     batcher = ContinuousBatcher(decoder.engine(max_new_tokens=args.max_new_tokens), max_rows=args.batch_size,
                                 record_history=True, torch_threads=1)
     start = time.perf_counter()
-    futures = [batcher.submit(requests[i:i + args.batch_size]) for i in range(0, len(requests), args.batch_size)]
-    for f in futures:
-        f.result()
+    if args.one_batch:   # the baseline: each batch decodes to its end before the next is submitted
+        for i in range(0, len(requests), args.batch_size):
+            batcher.submit(requests[i:i + args.batch_size]).result()
+    else:
+        futures = [batcher.submit(requests[i:i + args.batch_size]) for i in range(0, len(requests), args.batch_size)]
+        for f in futures:
+            f.result()
     wall = time.perf_counter() - start
     batcher.close()
     shutil.rmtree(work, ignore_errors=True)
     st = batcher.stats
-    return {"pair": args.pair, "rows": args.rows, "batch_size": args.batch_size,
+    return {"pair": args.pair, "rows": args.rows, "batch_size": args.batch_size, "one_batch": args.one_batch,
             "max_new_tokens": args.max_new_tokens, "admissions": st.admissions,
             "rows_per_admission": round(st.admitted_rows / st.admissions, 2),
             "median_admission_s": round(statistics.median(s for _, s in st.admit_log), 4),
@@ -275,6 +279,7 @@ def main():
     j.add_argument("--rows", type=int, default=64)
     j.add_argument("--batch-size", type=int, default=8)
     j.add_argument("--max-new-tokens", type=int, default=64)
+    j.add_argument("--one-batch", action="store_true", help="submit one batch at a time (no joining)")
     args = parser.parse_args()
     commands = {"loop-vs-pipeline": loop_vs_pipeline, "continuous": continuous, "join-cost": join_cost}
     result = commands[args.cmd](args)
