@@ -1,15 +1,23 @@
-"""Hardware-aware tree budget (Sequoia-style): pick max_nodes and max_depth for this device.
+"""Hardware-aware tree budget (Sequoia-style), per active batch size.
 
-Two measurements, then a choice:
-1. Cost: the target's verify latency for tree sizes n (one forward of n+1 tokens over a
-   prefix of typical length) and the draft's latency per forward, on the current device.
-2. Acceptance: one calibration decode with a large tree records, for every step, the kept
-   path and each path node's rank in the pruning order. Pruning keeps a rank prefix and
-   ancestors rank before descendants, so with budget n and depth d a step would have accepted
-   exactly the path nodes of rank < n and depth <= d: tau(n, d) is read off the same steps.
-3. Choice: argmax over (n, d) of tau(n, d) / (d * draft_s + verify_s(n)).
-Greedy decoding produces the same tokens whatever the tree, so the estimate is not biased
-by the calibration tree's own choices.
+What a tree is worth depends on how many rows decode together: at batch 1 a verify of 25 tokens
+costs about what one token costs, at batch 128 on a CPU it costs ~25 times as much. So the budget
+is a table over active batch sizes, looked up at every step as rows finish or join
+(`SpeculativeEngine.tree_for`); an entry is a tree shape, or None: no drafting, a plain target step.
+
+1. Acceptance: one calibration decode with a large tree records, for every step, each
+   candidate's rank in the pruning order and depth, and the accepted path. With budget n and
+   depth bound d, pruning sees only candidates of depth <= d (the draft grows depth by depth, so
+   those are the same candidates) and keeps the n best of them, ancestors first; a path node is
+   kept iff its rank among the candidates of depth <= d is < n. tau(n, d) = 1 + the accepted
+   path's kept prefix, averaged over steps: for each calibration step, exactly what a tree
+   (n, d) would have accepted there (greedy tokens do not depend on the tree; a real run with
+   (n, d) would meet other step boundaries, so tau is an estimate over those contexts).
+2. Cost, per batch size B: the wall time of whole engine steps at B rows (drafting, verify,
+   acceptance, cache roll-forward and every fixed cost of a step) for each candidate shape and
+   for a plain target step, measured on this device.
+3. Choice, per B: argmax over candidates of tau(n, d) / step_s(B, n, d), against
+   1 / step_s(B, none) for not drafting.
 """
 from __future__ import annotations
 
@@ -26,22 +34,43 @@ from .tree import TreeConfig
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
+DEFAULT_BATCH_SIZES = (1, 8, 32, 128)
+# Candidate (max_nodes, max_depth) shapes, from a one-node chain to a bushy tree.
+DEFAULT_SHAPES = ((1, 1), (2, 2), (4, 3), (8, 4), (16, 5), (24, 6), (48, 8))
+
+
 @dataclass
-class BudgetReport:
-    tree: TreeConfig                                  # the chosen configuration
-    verify_s: dict[int, float]                        # tree nodes -> median target verify latency
-    draft_s: float                                    # median draft forward latency
-    tau: dict[tuple[int, int], float] = field(default_factory=dict)        # (nodes, depth) -> tau
-    predicted_tps: dict[tuple[int, int], float] = field(default_factory=dict)  # per row and second
+class BudgetEntry:
+    batch_size: int
+    tree: TreeConfig | None                                   # None: no drafting at this batch size
+    step_s: dict = field(default_factory=dict)               # "n,d" or "none" -> median step seconds
+    predicted_tps: dict = field(default_factory=dict)        # "n,d" or "none" -> tokens/s per row
+
+
+@dataclass
+class BudgetTable:
+    """A tree shape (or None) per active batch size; `lookup` takes the entry of the largest
+    calibrated batch size <= the active rows (the smallest one below that)."""
+
+    entries: list[BudgetEntry]
+    tau: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def lookup(self, active: int) -> TreeConfig | None:
+        chosen = self.entries[0]
+        for entry in self.entries:
+            if entry.batch_size <= active:
+                chosen = entry
+        return chosen.tree
 
     def to_dict(self) -> dict:
         return {
-            "chosen": {"max_nodes": self.tree.max_nodes, "max_depth": self.tree.max_depth},
-            "verify_ms": {str(n): round(s * 1e3, 3) for n, s in self.verify_s.items()},
-            "draft_forward_ms": round(self.draft_s * 1e3, 3),
-            "candidates": [{"max_nodes": n, "max_depth": d, "tau": round(t, 3),
-                            "predicted_tokens_per_s": round(self.predicted_tps[(n, d)], 2)}
-                           for (n, d), t in sorted(self.tau.items())],
+            "tau": {f"{n},{d}": round(t, 3) for (n, d), t in sorted(self.tau.items())},
+            "by_batch_size": [{
+                "batch_size": e.batch_size,
+                "chosen": None if e.tree is None else {"max_nodes": e.tree.max_nodes, "max_depth": e.tree.max_depth},
+                "step_ms": {k: round(v * 1e3, 2) for k, v in e.step_s.items()},
+                "predicted_tokens_per_s_per_row": {k: round(v, 2) for k, v in e.predicted_tps.items()},
+            } for e in self.entries],
         }
 
 
@@ -77,30 +106,46 @@ def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int
 
 def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, max_new_tokens: int,
                   max_nodes_grid, depth_grid) -> dict[tuple[int, int], float]:
-    """tau(n, d) for every grid point, from one greedy decode with the largest tree."""
+    """tau(n, d) for every grid point, from one greedy decode with the largest tree (module doc)."""
     base = decoder.tree
     big = replace(base, max_depth=max(depth_grid), max_nodes=10 ** 6, threshold=base.threshold)
-    steps: list[tuple[list[int], list[int]]] = []   # per step: ranks and depths of accepted path nodes
+    steps: list[tuple[list[int], list[int], list[int], list[int]]] = []
 
     def observe(tree, acc):
+        if tree.rank is None:   # a step that drafted nothing (one token left): not a tree's acceptance
+            return
+        ranks, depths, valid = tree.rank.tolist(), tree.depths.tolist(), tree.valid.tolist()
         for b, path in enumerate(acc.paths):
-            steps.append(([int(tree.rank[b, i]) for i in path], [int(tree.depths[b, i]) for i in path]))
+            cand = [i for i, ok in enumerate(valid[b]) if ok]
+            steps.append(([ranks[b][i] for i in path], [depths[b][i] for i in path],
+                          [ranks[b][i] for i in cand], [depths[b][i] for i in cand]))
 
     decoder.set_tree(big)
     decoder.step_observer = observe
+    budget, decoder.budget = decoder.budget, None
     try:
         decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=[])
     finally:
         decoder.step_observer = None
         decoder.set_tree(base)
+        decoder.budget = budget
+    return tau_from_steps(steps, max_nodes_grid, depth_grid)
+
+
+def tau_from_steps(steps, max_nodes_grid, depth_grid) -> dict[tuple[int, int], float]:
+    """tau(n, d) from recorded steps: (path ranks, path depths, every candidate's rank, its depth).
+
+    A path node survives budget (n, d) iff its depth <= d and fewer than n candidates of depth
+    <= d rank before it; the accepted length is the surviving prefix of the path, plus the bonus."""
     tau = {}
     for n in max_nodes_grid:
         for d in depth_grid:
             kept = []
-            for ranks, depths in steps:
+            for path_ranks, path_depths, ranks, depths in steps:
+                shallow = sorted(r for r, dep in zip(ranks, depths) if dep <= d)
                 k = 0
-                for r, dep in zip(ranks, depths):
-                    if r >= n or dep > d:
+                for r, dep in zip(path_ranks, path_depths):
+                    if dep > d or _count_below(shallow, r) >= n:
                         break
                     k += 1
                 kept.append(k + 1)
@@ -108,20 +153,59 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
     return tau
 
 
-def choose_tree(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, max_new_tokens: int = 32,
-                max_nodes_grid=(4, 8, 16, 24, 32, 48, 64), depth_grid=(2, 3, 4, 5, 6, 8)) -> BudgetReport:
-    """Measure costs and acceptance on this device and return the best tree for it (not applied)."""
-    batch = input_ids.shape[0]
-    verify = forward_latency(decoder.target, sizes=sorted(set(max_nodes_grid)), batch=batch,
-                             prefix_len=input_ids.shape[1])
-    draft = forward_latency(decoder.draft, sizes=(decoder.tree.frontier - 1 or 1,), batch=batch,
-                            prefix_len=input_ids.shape[1], lean=decoder.drafter.lean)
-    draft_s = next(iter(draft.values()))
-    tau = calibrate_tau(decoder, input_ids, attention_mask, pixel_values, max_new_tokens, max_nodes_grid, depth_grid)
-    predicted = {(n, d): t / (d * draft_s + verify[n]) for (n, d), t in tau.items()}
-    n, d = max(predicted, key=predicted.get)
-    chosen = replace(decoder.tree, max_nodes=n, max_depth=d)
-    return BudgetReport(tree=chosen, verify_s=verify, draft_s=draft_s, tau=tau, predicted_tps=predicted)
+def _count_below(sorted_values: list[int], value: int) -> int:
+    import bisect
+    return bisect.bisect_left(sorted_values, value)
+
+
+def _replicate(input_ids, attention_mask, pixel_values, rows: int):
+    """`rows` rows cycled from the calibration batch (one image per row)."""
+    index = torch.arange(rows) % input_ids.shape[0]
+    pixels = None if pixel_values is None else pixel_values[index.to(pixel_values.device)]
+    return input_ids[index], attention_mask[index], pixels
+
+
+@torch.no_grad()
+def step_seconds(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, batch_size: int,
+                 shapes, steps: int = 2) -> dict:
+    """Median wall time of whole engine steps at `batch_size` rows, per shape ((n, d) or None)."""
+    ids, mask, pixels = _replicate(input_ids, attention_mask, pixel_values, batch_size)
+    engine = decoder.engine(max_new_tokens=10 ** 6, eos_token_id=[])
+    engine.add(ids, mask, pixels)
+    device = model_device(decoder.target)
+    trees = {shape: None if shape is None else replace(decoder.tree, max_nodes=shape[0], max_depth=shape[1])
+             for shape in shapes}
+    times: dict = {shape: [] for shape in shapes}
+    for round_ in range(steps + 1):   # shapes interleaved, so drift on a shared machine hits all alike
+        for shape in shapes:
+            engine.tree_for = lambda active, tree=trees[shape]: tree
+            _sync(device)
+            t0 = time.perf_counter()
+            engine.step()
+            _sync(device)
+            if round_:                # round 0 is a warm-up
+                times[shape].append(time.perf_counter() - t0)
+    return {shape: statistics.median(t) for shape, t in times.items()}
+
+
+def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values,
+                 batch_sizes=DEFAULT_BATCH_SIZES, max_new_tokens: int = 32, shapes=DEFAULT_SHAPES,
+                 steps: int = 3) -> BudgetTable:
+    """Calibrate acceptance once and step costs per batch size on this device; return the table
+    (not applied: set `decoder.budget = table`)."""
+    shapes = tuple(shapes)
+    tau = calibrate_tau(decoder, input_ids, attention_mask, pixel_values, max_new_tokens,
+                        sorted({n for n, _ in shapes}), sorted({d for _, d in shapes}))
+    entries = []
+    for B in sorted(set(batch_sizes)):
+        cost = step_seconds(decoder, input_ids, attention_mask, pixel_values, B, shapes + (None,), steps)
+        predicted = {shape: (tau[shape] if shape else 1.0) / cost[shape] for shape in cost}
+        best = max(predicted, key=predicted.get)
+        tree = None if best is None else replace(decoder.tree, max_nodes=best[0], max_depth=best[1])
+        label = lambda s: "none" if s is None else f"{s[0]},{s[1]}"  # noqa: E731
+        entries.append(BudgetEntry(batch_size=B, tree=tree, step_s={label(k): v for k, v in cost.items()},
+                                   predicted_tps={label(k): v for k, v in predicted.items()}))
+    return BudgetTable(entries=entries, tau={k: v for k, v in tau.items() if k in shapes})
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .cache import KVState
+from .cache import HOLE, KVState
 from .errors import InputError, ModelPairError
 from .lean import lean_forward
 
@@ -181,7 +181,7 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
     window, kinds = sliding_window(model)
-    state = KVState(cache, positions.masked_fill(attention_mask == 0, -1), window=window, layer_kinds=kinds)
+    state = KVState(cache, positions.masked_fill(attention_mask == 0, HOLE), window=window, layer_kinds=kinds)
     return state, out.logits[:, -1, :]
 
 

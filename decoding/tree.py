@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+ROOT = -1      # parent index of a depth-1 node: the root is the last accepted token, not a node
+NO_NODE = -1   # padding in node-index tensors (e.g. an accepted path shorter than its row of the batch)
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,11 @@ class DraftTree:
     """A batch of draft trees, one per row, in a padded layout.
 
     Nodes are ordered so that every parent comes before its children. `parents` holds the
-    parent's node index, or -1 for children of the root.
+    parent's node index, or ROOT (-1) for children of the root.
     """
 
     tokens: Tensor     # [B, N] long
-    parents: Tensor    # [B, N] long, -1 = root
+    parents: Tensor    # [B, N] long, ROOT = child of the root
     depths: Tensor     # [B, N] long, >= 1 for valid nodes, 0 for padding
     scores: Tensor     # [B, N] float, log path probability under the draft; -inf for padding
     valid: Tensor      # [B, N] bool
@@ -71,11 +73,11 @@ class DraftTree:
 
 
 def ancestor_matrix(parents: Tensor, valid: Tensor, max_depth: int) -> Tensor:
-    """ancestors[b, i, j] = node j is node i or an ancestor of i.  parents: [B, C] (-1 = root)."""
+    """ancestors[b, i, j] = node j is node i or an ancestor of i.  parents: [B, C] (ROOT = root)."""
     B, C = parents.shape
     eye = torch.eye(C, dtype=torch.bool, device=parents.device).expand(B, C, C)
     # one_hot_parent[b, i, j] = (parents[b, i] == j)
-    has_parent = (parents >= 0) & valid
+    has_parent = (parents != ROOT) & valid
     step = torch.zeros(B, C, C, dtype=torch.float32, device=parents.device)
     step.scatter_(2, parents.clamp(min=0).unsqueeze(-1), has_parent.unsqueeze(-1).float())
     anc = eye & valid.unsqueeze(-1)
@@ -88,19 +90,27 @@ def ancestor_matrix(parents: Tensor, valid: Tensor, max_depth: int) -> Tensor:
     return anc
 
 
+@dataclass
+class Candidates:
+    """Candidate nodes of a batch in a padded layout, [B, C] each (one expansion, or a whole step's pool)."""
+
+    tokens: Tensor     # long
+    parents: Tensor    # long, pool index of the parent, ROOT for children of the root
+    scores: Tensor     # float, log path probability under the draft (-inf when invalid)
+    valid: Tensor      # bool
+    chain: Tensor      # bool, on the draft's greedy chain
+
+
 def expand_children(
-    parent_index: Tensor,   # [B, F] pool index of each expanded node (-1 = root)
+    parent_index: Tensor,   # [B, F] pool index of each expanded node (ROOT = the root)
     parent_score: Tensor,   # [B, F] log path probability of each expanded node
     parent_valid: Tensor,   # [B, F] bool
     parent_chain: Tensor,   # [B, F] bool, the node is on the draft's greedy chain
     logprobs: Tensor,       # [B, F, V] draft log-probabilities at each expanded node
     top_k: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Top-k children of every expanded node.
-
-    Returns tokens, parents, scores, valid, chain, each [B, F*K]; children of invalid parents
-    are invalid; the top-1 child of a chain node continues the chain.
-    """
+) -> Candidates:
+    """Top-k children of every expanded node, [B, F*K] each; children of invalid parents are
+    invalid; the top-1 child of a chain node continues the chain."""
     B, F, V = logprobs.shape
     k = min(top_k, V)
     child_lp, child_tok = logprobs.topk(k, dim=-1)                       # [B, F, K]
@@ -111,8 +121,8 @@ def expand_children(
     chain = torch.zeros(B, F, k, dtype=torch.bool, device=logprobs.device)
     chain[:, :, 0] = parent_chain & parent_valid
     chain &= valid
-    return (child_tok.reshape(B, F * k), parents.reshape(B, F * k),
-            scores.reshape(B, F * k), valid.reshape(B, F * k), chain.reshape(B, F * k))
+    return Candidates(tokens=child_tok.reshape(B, F * k), parents=parents.reshape(B, F * k),
+                      scores=scores.reshape(B, F * k), valid=valid.reshape(B, F * k), chain=chain.reshape(B, F * k))
 
 
 def select_frontier(scores: Tensor, valid: Tensor, chain: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -157,14 +167,14 @@ def prune_tree(
     by_kept_depth = torch.sort(keep_depth, dim=-1, stable=True).indices
     keep, rank = keep.gather(1, by_kept_depth), rank.gather(1, by_kept_depth)
     kept_valid = valid.gather(1, keep)
-    # Re-index parents: position of each candidate within `keep` (or -1).
-    position = torch.full((B, C), -1, dtype=torch.long, device=tokens.device)
+    # Re-index parents: position of each candidate within `keep` (or NO_NODE).
+    position = torch.full((B, C), NO_NODE, dtype=torch.long, device=tokens.device)
     position.scatter_(1, keep, torch.arange(n, device=tokens.device).expand(B, n))
     old_parent = parents.gather(1, keep)
-    new_parent = torch.where(old_parent >= 0, position.gather(1, old_parent.clamp(min=0)), old_parent)
-    if bool(((new_parent < 0) & (old_parent >= 0) & kept_valid).any()):
+    new_parent = torch.where(old_parent != ROOT, position.gather(1, old_parent.clamp(min=0)), old_parent)
+    if bool(((new_parent == NO_NODE) & (old_parent != ROOT) & kept_valid).any()):
         raise AssertionError("pruning dropped an ancestor of a kept node")
-    new_parent = new_parent.masked_fill(~kept_valid, -1)
+    new_parent = new_parent.masked_fill(~kept_valid, ROOT)
     tree = DraftTree(
         tokens=tokens.gather(1, keep).masked_fill(~kept_valid, 0),
         parents=new_parent,

@@ -2,25 +2,29 @@
 
 Vocabulary of this module (as in vLLM's rejection sampler):
 - accepted tokens: draft-tree nodes on the kept root-to-node path;
-- bonus token: the token the target itself produces after the last accepted node (its argmax
-  in greedy mode; a sample from the target's distribution, or from the residual left after
-  rejections, in sampling mode). Every step therefore yields len(path) + 1 tokens.
+- bonus token: the token the target itself produces after the last accepted node. Every step
+  therefore yields len(path) + 1 tokens.
 
-Greedy (temperature 0): a node is accepted iff its token equals the target's argmax at its
-parent and its parent is accepted. Siblings hold distinct tokens, so the accepted nodes form a
-single path; the output is token-for-token the target's greedy output.
+One rule serves both modes: the target picks one token at every tree slot (the root and each
+node), then the walk goes from the root down to the child whose token equals the parent's
+pick, as far as it can; the pick at the last node reached is the bonus token.
+- Greedy (temperature 0): the pick is the target's argmax, so the output is token for token
+  the target's greedy output.
+- Sampling: the pick at a slot is a draw from the target's warped distribution p at that slot
+  (temperature, top_k, top_p, as `generate` applies them), by inverse CDF from a uniform that
+  depends only on the row's seed and the output position the slot would fill. The draft's
+  children are deterministic (top-k of the draft), i.e. point-mass proposals; recursive
+  rejection sampling over point masses (SpecInfer/Sequoia: accept child x with probability
+  p(x), else p <- norm(p with x removed), next child; bonus from the residual) accepts child x
+  with probability exactly p(x) and otherwise emits y ~ p restricted to non-children, which is
+  the same as drawing y ~ p once and moving to the child y if there is one. So each emitted
+  token is a draw from p given the accepted prefix: the target's own distribution, whatever the
+  tree. And since the uniform is tied to the output position, a row's sample is the one plain
+  autoregressive inverse-CDF sampling with the same uniforms produces: it depends on the row's
+  seed only, not on the tree, the batch, or the step the row joined at.
 
-Sampling: the tree is a deterministic function of the context (top-k children of the draft),
-so each drafted child is a point-mass proposal q = delta_x. Recursive rejection sampling
-(SpecInfer/Sequoia residual form) then reads: at node u with target distribution p, try the
-children in order; accept child x with probability min(1, p(x)/q(x)) = p(x); on rejection
-p <- norm(max(p - q, 0)), i.e. p(x) <- 0 and renormalise; if every child is rejected, the bonus
-token is sampled from the residual p. Each step is an exact sample of the target's
-distribution, whatever the tree shape, because the shape never depends on target randomness.
-(With *sampled* draft children, confidence-based pruning makes the kept set depend on the
-drawn values and biases the output; deterministic children avoid that.)
-
-Dimensions: B rows, N tree nodes (root excluded), V vocabulary.
+Everything is tensors; the caller reads the result from the host once per step.
+Dimensions: B rows, N tree nodes (root excluded), A max accepted nodes, V vocabulary.
 """
 from __future__ import annotations
 
@@ -28,90 +32,119 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .tree import DraftTree
+from .tree import NO_NODE, DraftTree
 
 
 @dataclass
 class Acceptance:
-    """Per row: accepted node indices (root-to-leaf order) and the bonus token."""
+    """Per row: the accepted path and the bonus token, as tensors.
 
-    paths: list[list[int]]
-    bonus: list[int]
+    length: [B] accepted nodes (bonus excluded).
+    nodes:  [B, A] node index of the accepted path in root-to-leaf order, NO_NODE past `length`.
+    tokens: [B, A + 1] the step's new tokens: the path's tokens, then the bonus at `length`.
+    bonus:  [B] the target's token after the last accepted node.
+    """
+
+    length: Tensor
+    nodes: Tensor
+    tokens: Tensor
+    bonus: Tensor
+
+    @property
+    def paths(self) -> list[list[int]]:
+        """Accepted node indices per row as lists (a host read; tests and calibration only)."""
+        return [row[:n] for row, n in zip(self.nodes.tolist(), self.length.tolist())]
 
 
-def target_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """The target's sampling distribution, with transformers' own warpers.  [..., V] -> [..., V]."""
+def target_probs(logits: Tensor, temperature: float, top_p: float, top_k: int = 0) -> Tensor:
+    """The target's sampling distribution, with transformers' own warpers in `generate`'s order
+    (temperature, top_k, top_p).  [..., V] -> [..., V]; top_k 0 = off."""
     shape = logits.shape
     flat = logits.reshape(-1, shape[-1]).float()
-    flat = TemperatureLogitsWarper(temperature)(None, flat)
+    if temperature != 1.0:
+        flat = TemperatureLogitsWarper(temperature)(None, flat)
+    if top_k:
+        flat = TopKLogitsWarper(top_k)(None, flat)
     if top_p < 1.0:
         flat = TopPLogitsWarper(top_p)(None, flat)
     return torch.softmax(flat, dim=-1).reshape(shape)
 
 
-def greedy_accept(tree: DraftTree, logits: Tensor) -> Acceptance:
-    """Longest path equal to the target's argmax, plus the target's argmax after it.
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """The token whose CDF interval holds each uniform.  probs [..., V], uniforms [...] -> [...] long.
 
-    logits: [B, 1+N, V] target logits at the root (slot 0) and at every node (slot i+1).
+    A token of probability 0 has an empty interval and is never drawn."""
+    cdf = probs.cumsum(-1)
+    total = cdf[..., -1]
+    # Strictly below the total, so rounding never lands past the last token of nonzero probability.
+    point = torch.minimum(uniforms.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    point = point.unsqueeze(-1)
+    token = torch.searchsorted(cdf, point, right=True).squeeze(-1)
+    return token.clamp_(max=probs.shape[-1] - 1)
+
+
+def slot_uniforms(uniforms: Tensor, produced: Tensor, tree: DraftTree) -> Tensor:
+    """The uniform each verify slot draws with: the one of the output position it would fill.
+
+    uniforms: [B, L] per-row stream (position -> uniform); produced: [B] tokens the row has so far.
+    Returns [B, 1+N]: slot 0 (the root) fills position `produced`, a node at depth d fills
+    `produced + d`. Positions past the stream reuse its last entry (those tokens are cut anyway)."""
+    root = torch.zeros(tree.depths.shape[0], 1, dtype=tree.depths.dtype, device=tree.depths.device)
+    position = produced.unsqueeze(1) + torch.cat([root, tree.depths], dim=1)
+    return uniforms.gather(1, position.clamp(max=uniforms.shape[1] - 1))
+
+
+def accept(tree: DraftTree, choice: Tensor, max_depth: int) -> Acceptance:
+    """Walk from the root while a child's token equals its parent's pick.
+
+    choice: [B, 1+N] the target's pick at the root (slot 0) and at every node (slot i+1).
+    max_depth: the tree's depth bound this step (A; 0 for an empty tree).
     """
-    choice = logits.argmax(-1)                                             # [B, 1+N]
-    if tree.tokens.shape[1] == 0:
-        return Acceptance(paths=[[] for _ in range(choice.shape[0])], bonus=choice[:, 0].tolist())
+    B, N = tree.tokens.shape
+    device = choice.device
+    A = max_depth if N else 0
+    if N == 0:
+        bonus = choice[:, 0]
+        return Acceptance(length=torch.zeros(B, dtype=torch.long, device=device),
+                          nodes=torch.full((B, 0), NO_NODE, dtype=torch.long, device=device),
+                          tokens=bonus.unsqueeze(1), bonus=bonus)
     parent_slot = tree.parents + 1                                         # root -> slot 0
     match = tree.valid & (tree.tokens == choice.gather(1, parent_slot))   # [B, N]
     # A node is on the accepted path iff it and all its ancestors match.
     ok = tree.valid & ~(tree.ancestors & ~match.unsqueeze(1)).any(-1)     # [B, N]
     depth_ok = torch.where(ok, tree.depths, torch.zeros_like(tree.depths))
-    best_depth, best = depth_ok.max(-1)                                    # [B]
-    last_slot = torch.where(best_depth > 0, best + 1, torch.zeros_like(best))
+    length, best = depth_ok.max(-1)                                        # [B]
+    last_slot = torch.where(length > 0, best + 1, torch.zeros_like(best))
     bonus = choice.gather(1, last_slot.unsqueeze(-1)).squeeze(-1)
-    paths = []
-    for b in range(tree.tokens.shape[0]):
-        if int(best_depth[b]) == 0:
-            paths.append([])
-            continue
-        nodes = torch.nonzero(tree.ancestors[b, best[b]]).squeeze(-1)
-        order = tree.depths[b, nodes].argsort()
-        paths.append(nodes[order].tolist())
-    return Acceptance(paths=paths, bonus=bonus.tolist())
+    # Nodes are stored parents first (sorted by depth), so the path's nodes in index order are
+    # its root-to-leaf order: scatter them to columns 0..length-1.
+    on_path = tree.ancestors[torch.arange(B, device=device), best] & (length > 0).unsqueeze(1)   # [B, N]
+    column = torch.where(on_path, on_path.long().cumsum(-1) - 1, torch.full_like(best, A).unsqueeze(1))
+    node_index = torch.arange(N, device=device).expand(B, N)
+    nodes = torch.full((B, A + 1), NO_NODE, dtype=torch.long, device=device)
+    nodes.scatter_(1, column, torch.where(on_path, node_index, NO_NODE))
+    nodes = nodes[:, :A]
+    path_tokens = tree.tokens.gather(1, nodes.clamp(min=0)).masked_fill(nodes == NO_NODE, 0)
+    tokens = torch.cat([path_tokens, torch.zeros_like(bonus).unsqueeze(1)], dim=1)
+    tokens.scatter_(1, length.unsqueeze(1), bonus.unsqueeze(1))
+    return Acceptance(length=length, nodes=nodes, tokens=tokens, bonus=bonus)
 
 
-def sample_accept(tree: DraftTree, logits: Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> Acceptance:
-    """Multi-branch recursive rejection sampling over deterministic draft children.
+def greedy_accept(tree: DraftTree, logits: Tensor, max_depth: int | None = None) -> Acceptance:
+    """Longest path equal to the target's argmax, plus the target's argmax after it.
 
-    logits: [B, 1+N, V]. Children of a node are tried in order of draft score (best first).
+    logits: [B, 1+N, V] target logits at the root (slot 0) and at every node (slot i+1).
     """
-    probs = target_probs(logits, temperature, top_p)                      # [B, 1+N, V]
-    B, N = tree.tokens.shape
-    parents = tree.parents.tolist()
-    tokens = tree.tokens.tolist()
-    valid = tree.valid.tolist()
-    scores = tree.scores.tolist()
-    paths, bonus = [], []
-    for b in range(B):
-        children: dict[int, list[int]] = {}
-        for i in range(N):
-            if valid[b][i]:
-                children.setdefault(parents[b][i], []).append(i)
-        node, path = -1, []
-        while True:
-            p = probs[b, node + 1].clone()
-            accepted = None
-            for child in sorted(children.get(node, []), key=lambda i: -scores[b][i]):
-                x = tokens[b][child]
-                r = torch.rand((), generator=generator, device=p.device)
-                if bool(r < p[x]):
-                    accepted = child
-                    break
-                p[x] = 0.0
-                p = p / p.sum()
-            if accepted is None:
-                bonus.append(int(torch.multinomial(p, 1, generator=generator)))
-                break
-            path.append(accepted)
-            node = accepted
-        paths.append(path)
-    return Acceptance(paths=paths, bonus=bonus)
+    depth = int(tree.depths.max()) if max_depth is None and tree.depths.numel() else (max_depth or 0)
+    return accept(tree, logits.argmax(-1), depth)
+
+
+def sample_accept(tree: DraftTree, logits: Tensor, uniforms: Tensor, produced: Tensor, max_depth: int,
+                  temperature: float, top_p: float, top_k: int) -> Acceptance:
+    """The sampling walk (module docstring): one inverse-CDF draw per slot, then `accept`.
+
+    logits: [B, 1+N, V]; uniforms: [B, L] per-row streams; produced: [B] tokens so far."""
+    probs = target_probs(logits, temperature, top_p, top_k)
+    return accept(tree, inverse_cdf(probs, slot_uniforms(uniforms, produced, tree)), max_depth)

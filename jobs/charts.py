@@ -1,9 +1,12 @@
-"""Minimal line charts drawn with Pillow (no plotting dependency).
+"""Minimal charts drawn with Pillow (no plotting dependency).
 
     python -m jobs.charts assets/demo-pair   # -> assets/demo-pair/training_curves.png
 
 `line_chart(panels, path)` draws one panel per (title, {series name: [(x, y), ...]}) side by side,
 with y on a log scale when `log_y` is set; used for the demo pair's training curves.
+`bar_chart(counts, path)` draws one bar per key (`specllava stats`).
+`bench_chart(runs, best, speedups, path)` draws `specllava bench`'s tokens/s grouped by batch size,
+each method's best bar outlined and labelled.
 """
 from __future__ import annotations
 
@@ -85,6 +88,49 @@ def bar_chart(counts: dict, path: str | Path, title: str = "", x_label: str = ""
         draw.text((x0, y - 13), str(counts[key]), fill="black")
     draw.text((width // 2 - 40, height - 16), x_label, fill="black")
     draw.text((4, 24), y_label, fill="black")
+    image.save(path)
+
+
+BENCH_COLORS = {"target_greedy": (127, 127, 127), "hf_assisted": (214, 39, 40), "static_tree": (31, 119, 180),
+                "dynamic_tree": (44, 160, 44)}
+
+
+def bench_chart(runs: list[dict], best: list[dict], speedups: dict[str, float], path: str | Path,
+                width: int = 720, height: int = 380) -> None:
+    """Grouped bars of tokens/s: one group per batch size, one bar per method (`runs` rows of
+    `specllava bench`). Each method's best bar (`best`: {"method", "batch_size", "tokens_per_s"})
+    gets a black outline and a "best" label, and the subtitle gives best-vs-best `speedups`."""
+    sizes = sorted({r["batch_size"] for r in runs})
+    top = max((r["tokens_per_s"] for r in runs), default=0) or 1
+    marked = {(b["method"], b["batch_size"]) for b in best}
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, bottom, plot_h = 60, height - 50, height - 116
+    group_w = (width - left - 20) / max(1, len(sizes))
+    draw.text((left, 8), "tokens/s by method and batch size (higher is better; outlined: each method's best)",
+              fill="black")
+    if speedups:
+        draw.text((left, 24), "best vs best (each method's best over target_greedy's best): "
+                  + ", ".join(f"{m} {x:.2f}x" for m, x in speedups.items()), fill="black")
+    draw.line([(left, bottom), (width - 10, bottom)], fill="black")
+    for gi, bs in enumerate(sizes):
+        group = [r for r in runs if r["batch_size"] == bs]
+        bar_w = group_w * 0.8 / max(1, len(group))
+        for bi, r in enumerate(group):
+            x0 = left + gi * group_w + group_w * 0.1 + bi * bar_w
+            h = plot_h * r["tokens_per_s"] / top
+            color = BENCH_COLORS.get(r["method"], PALETTE[bi % len(PALETTE)])
+            is_best = (r["method"], bs) in marked
+            draw.rectangle([x0, bottom - h, x0 + bar_w - 3, bottom], fill=color,
+                           outline="black" if is_best else None, width=2 if is_best else 1)
+            draw.text((x0, bottom - h - 12), f"{r['tokens_per_s']:.0f}", fill="black")
+            if is_best:
+                draw.text((x0, bottom - h - 24), "best", fill="black")
+        draw.text((left + gi * group_w + group_w * 0.4, bottom + 8), f"batch {bs}", fill="black")
+    for i, (m, c) in enumerate(BENCH_COLORS.items()):
+        draw.rectangle([left + i * 150, height - 20, left + i * 150 + 10, height - 10], fill=c)
+        draw.text((left + i * 150 + 14, height - 22), m, fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
 

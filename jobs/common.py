@@ -103,7 +103,10 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="default 1")
     p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "
                    "(default 0.5)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows decoding together per actor; new rows join as "
+                   "others finish (default 8)")
+    p.add_argument("--max-concurrent-batches", type=int, default=8, help="input batches in flight per caption "
+                   "actor, so finished rows are replaced at once; 1 = no continuous batching (default 8)")
     from pipeline.config import DEFAULT_COMMIT_ROWS
 
     p.add_argument("--commit-rows", type=int, default=DEFAULT_COMMIT_ROWS,
@@ -115,12 +118,18 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the target's output "
                    "(default 0)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed per actor (temperature > 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the target's generation "
+                   "config, as generate applies it; transformers' 50 when unset); 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: a row's caption then depends only on "
+                   "(seed, row id), in any batch, actor or resume")
     add_dtype_argument(p, default="auto", auto=True, help="auto: float16 on GPU, float32 on CPU")
     p.add_argument("--tree-top-k", type=int, help="children per expanded draft node (default 4)")
     p.add_argument("--tree-frontier", type=int, help="nodes expanded per draft level (default 4)")
     p.add_argument("--tree-depth", type=int, help="draft levels per step (default 6)")
     p.add_argument("--tree-nodes", type=int, help="tree size verified per step (default 24)")
+    p.add_argument("--tree-budget", default="auto", choices=["auto", "off"], help="auto: each caption actor "
+                   "measures on its device which tree (or no drafting) is fastest at each active batch size up to "
+                   "--batch-size, before its first batch; off: the --tree-* shape at every step (default auto)")
     p.add_argument("--tree-threshold", type=float, help="drop children below this draft probability "
                    "(default 0.05)")
     add_progress_argument(p)

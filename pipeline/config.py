@@ -8,7 +8,7 @@ from workers.schema import DEFAULT_PROMPT
 # Fields that must be equal when a run continues an existing output: changing any of them
 # would mix captions of different inputs, prompts, decoding options or weights in one table.
 IDENTITY_FIELDS = ("input", "id_column", "image_column", "image_uri_column", "prompt",
-                   "max_new_tokens", "temperature", "top_p", "seed", "commit_rows", "dry_run")
+                   "max_new_tokens", "temperature", "top_p", "top_k", "seed", "commit_rows", "dry_run")
 DEFAULT_COMMIT_ROWS = 5000
 
 
@@ -36,7 +36,10 @@ class CaptionConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None
+    top_k: int | None = None         # None: what the target's generate applies (its generation config, else 50)
+    seed: int | None = None          # sampling: a row's caption depends only on (seed, id)
+    max_concurrent_batches: int = 8  # input batches in flight per caption actor (1 = no continuous batching)
+    tree_budget: str = "auto"        # auto: each actor measures the tree per active batch size; off: `tree` always
     tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
     dtype: str = "auto"
     address: str | None = None       # existing Ray cluster; None = the current or a new local one
@@ -53,10 +56,14 @@ class CaptionConfig:
             raise PipelineError(f"--actors needs 1 <= MIN <= MAX, got {self.actors_min},{self.actors_max}")
         if not self.dry_run and not (self.target and self.draft):
             raise PipelineError("a caption run needs --target and --draft (only --dry-run runs without models)")
-        for name in ("batch_size", "max_new_tokens", "commit_rows"):
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise PipelineError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        for name in ("batch_size", "max_new_tokens", "commit_rows", "max_concurrent_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.tree_budget not in ("auto", "off"):
+            raise PipelineError(f"--tree-budget must be auto or off, got {self.tree_budget!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise PipelineError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

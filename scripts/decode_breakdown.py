@@ -1,25 +1,105 @@
-"""Per-phase time of the decoder vs HF greedy on the demo pair, batch 1, 8 images, a few tree shapes.
+"""Where a decode step's time goes, per batch size: model forwards vs everything else.
 
-    python scripts/decode_breakdown.py
+    python scripts/decode_breakdown.py [--batch-sizes 1,8,32] [--steps 8] [--device cpu] [--dtype float32]
+
+For each batch size and tree shape (and no drafting), the demo pair decodes that many rows with
+the engine (decoding/engine.py) and times whole steps and, inside them, every model forward
+(target verify and draft forwards, device-synchronised). Prints one JSON object: per batch size
+and shape the median step ms, the model-forward ms of the step, and the share of the step that
+is not model compute (tree building, masks, acceptance, cache roll-forward, host syncs, Python).
 """
-import sys, torch, time; sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent.parent)); torch.set_num_threads(1)
-from transformers import AutoProcessor
-from decoding import SpeculativeDecoder, TreeConfig
-from decoding.loading import load_llava
-from jobs.bench import make_inputs, encode
-t = load_llava('assets/demo-pair/target'); d = load_llava('assets/demo-pair/draft')
-p = AutoProcessor.from_pretrained('assets/demo-pair/target')
-text, imgs = make_inputs(p, 8)
-for cfg in [TreeConfig(max_nodes=4, max_depth=4), TreeConfig(max_nodes=8, max_depth=6), TreeConfig(top_k=2, frontier=2, max_nodes=6, max_depth=8, threshold=0.1)]:
-    dec = SpeculativeDecoder(t, d, cfg)
-    tot = {"pre":0,"dr":0,"ver":0,"wall":0, "tok":0, "steps":0}
-    for im in imgs:
-        ids, m, px = encode(p, text, [im], 'cpu', torch.float32)
-        t0=time.perf_counter(); r = dec.generate(ids, m, px, max_new_tokens=48); w=time.perf_counter()-t0
-        s=r.stats[0]; tot["pre"]+=s.prefill_s; tot["dr"]+=s.draft_s; tot["ver"]+=s.verify_s; tot["wall"]+=w; tot["tok"]+=s.new_tokens; tot["steps"]+=len(s.accepted_lengths)
-    t0=time.perf_counter()
-    for im in imgs:
-        ids, m, px = encode(p, text, [im], 'cpu', torch.float32)
-        with torch.no_grad(): t.generate(input_ids=ids, attention_mask=m, pixel_values=px, max_new_tokens=48, do_sample=False)
-    g=time.perf_counter()-t0
-    print(cfg.max_nodes, cfg.max_depth, {k: round(v,3) for k,v in tot.items()}, "hf greedy wall", round(g,3))
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import decoding.draft  # noqa: E402
+import decoding.engine  # noqa: E402
+from decoding import SpeculativeDecoder, TreeConfig  # noqa: E402
+
+SHAPES = {"none": None, "chain": TreeConfig(max_nodes=4, max_depth=4, frontier=1, top_k=1),
+          "default": TreeConfig()}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    from transformers import AutoProcessor
+
+    from decoding.loading import load_llava, parse_dtype
+    from jobs.bench import encode, make_inputs
+    from jobs.common import DEMO_PAIR
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    target = load_llava(str(DEMO_PAIR / "target"), dtype, device)
+    draft = load_llava(str(DEMO_PAIR / "draft"), dtype, device)
+    processor = AutoProcessor.from_pretrained(str(DEMO_PAIR / "target"))
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    text, images = make_inputs(processor, max(sizes))
+
+    forward_s = [0.0]
+    original = decoding.engine.forward_block
+
+    def timed_forward(*a, **kw):
+        sync(device)
+        t0 = time.perf_counter()
+        out = original(*a, **kw)
+        sync(device)
+        forward_s[0] += time.perf_counter() - t0
+        return out
+
+    decoding.engine.forward_block = timed_forward
+    decoding.draft.forward_block = timed_forward
+    decoder = SpeculativeDecoder(target, draft)
+    report = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "by_batch_size": {}}
+    for B in sizes:
+        ids, mask, pixels = encode(processor, text, images[:B], device, dtype)
+        rows = {}
+        for name, shape in SHAPES.items():
+            engine = decoder.engine(max_new_tokens=10 ** 6, eos_token_id=[])
+            engine.tree_for = lambda active, shape=shape: shape
+            engine.add(ids, mask, pixels)
+            steps, forwards, tokens = [], [], 0
+            for i in range(args.steps + 1):
+                forward_s[0] = 0.0
+                sync(device)
+                t0 = time.perf_counter()
+                result = engine.step()
+                sync(device)
+                if i:   # the first step is a warm-up
+                    steps.append(time.perf_counter() - t0)
+                    forwards.append(forward_s[0])
+                    tokens += sum(result.accepted)
+            step, fwd = statistics.median(steps), statistics.median(forwards)
+            rows[name] = {"step_ms": round(step * 1e3, 2), "model_forward_ms": round(fwd * 1e3, 2),
+                          "not_model_share": round(1 - fwd / step, 3),
+                          "tokens_per_s": round(tokens / sum(steps), 1)}
+            print(f"batch {B:>3} {name:<8} step {step * 1e3:8.2f} ms  forwards {fwd * 1e3:8.2f} ms  "
+                  f"not model {1 - fwd / step:6.1%}  {rows[name]['tokens_per_s']} tok/s", file=sys.stderr)
+        report["by_batch_size"][str(B)] = rows
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

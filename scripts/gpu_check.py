@@ -1,4 +1,6 @@
-"""GPU check: the demo-pair bench in bf16 and target verify latency on a LLaVA-1.5-7B-shaped model.
+"""GPU check: the demo-pair bench (bf16 and fp32, batch 1/8/32/64, with the budget table), the share
+of a decode step that is not model compute (scripts/decode_breakdown.py), and target verify
+latency on a LLaVA-1.5-7B-shaped model.
 
     python scripts/gpu_check.py --out gpu_check.json             # on a machine with one NVIDIA GPU
     python scripts/gpu_check.py --shape tiny --device cpu --out /tmp/g.json   # CPU smoke run
@@ -69,13 +71,22 @@ def main() -> int:
 
     if not args.skip_bench:
         from jobs.cli import main as cli
-        buf = io.StringIO()
-        bench_args = ["bench", "--json", "--dtype", "bf16", "--device", args.device, "--chart", ""]
-        if args.shape == "tiny":
-            bench_args.append("--quick")
-        with contextlib.redirect_stdout(buf):
-            rc = cli(bench_args)
-        report["bench_bf16"] = json.loads(buf.getvalue()) if rc == 0 else {"error": f"exit code {rc}"}
+        sizes = "1,2" if args.shape == "tiny" else "1,8,32,64"
+        for dtype in ("bf16", "fp32"):   # bf16: the speed users get; fp32: match rate must be 1.0
+            buf = io.StringIO()
+            bench_args = ["bench", "--json", "--dtype", dtype, "--device", args.device, "--chart", "",
+                          "--methods", "target_greedy,dynamic_tree", "--batch-sizes", sizes, "--rounds", "2"]
+            if args.shape == "tiny":
+                bench_args.append("--quick")
+            with contextlib.redirect_stdout(buf):
+                rc = cli(bench_args)
+            report[f"bench_{dtype}"] = json.loads(buf.getvalue()) if rc == 0 else {"error": f"exit code {rc}"}
+        import subprocess
+        out = subprocess.run([sys.executable, str(Path(__file__).parent / "decode_breakdown.py"), "--device",
+                              args.device, "--dtype", "bfloat16", "--batch-sizes", sizes, "--steps", "6"],
+                             capture_output=True, text=True)
+        report["step_breakdown_bf16"] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                                         else {"error": out.stderr[-2000:]})
 
     t0 = time.perf_counter()
     model = random_model(llava_7b_config(args.shape), args.device, torch.bfloat16)

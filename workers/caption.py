@@ -1,23 +1,28 @@
 """GPU (or CPU) stage: preprocessed rows → captions + per-row acceptance statistics.
 
-`CaptionWorker` is a plain callable class: Ray Data runs it in an actor pool
-(`map_batches(CaptionWorker, compute=ActorPoolStrategy(...), batch_format="pyarrow")`), and
-tests call it directly. It loads the target, the draft and one `SpeculativeDecoder` once, in
-__init__; each call decodes the batch's ok rows together and returns exactly one output row per
-input row, in input order (error rows from preprocessing pass through with null statistics).
+`CaptionWorker` is a callable class: Ray Data runs it in an actor pool
+(`map_batches(CaptionWorker, compute=ActorPoolStrategy(...), batch_format="pyarrow")`) with
+several input batches in flight per actor. It loads the target, the draft and one decoding
+engine once, in __init__; a `ContinuousBatcher` (workers/batcher.py) keeps up to `batch_size`
+rows decoding and admits rows of the next batches as others finish. Each call returns exactly
+one output row per input row, in input order, once the batch's last row is done (error rows from
+preprocessing pass through with null statistics). Tests and scripts call `caption(batch)`.
 Model or decoder failures (OOM, bad pair) raise: they are not a property of one row.
 """
 from __future__ import annotations
 
-import time
+import asyncio
+import random
 from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from decoding.engine import SEED_BITS, row_seed
 from decoding.loading import load_llava, parse_dtype  # safetensors only; refuses remote code and pickle
 from workers import storage
+from workers.batcher import ContinuousBatcher, RowRequest
 from workers.drill import Drill
 from workers.schema import OUTPUT_FIELDS, STATUS_OK, carry_row_index, output_schema
 
@@ -28,7 +33,13 @@ class CaptionWorker:
     Args:
         target, draft: local dirs or s3:// prefixes of LLaVA checkpoints (safetensors).
         id_column: copied to the output unchanged.
-        max_new_tokens, temperature, top_p: decoding options (temperature 0 = greedy, exact).
+        max_new_tokens, temperature, top_p, top_k: decoding options (temperature 0 = greedy, exact;
+            top_k None = what the target's `generate` applies, 0 = off).
+        seed: sampling seed; a row's caption then depends only on (seed, row id).
+        batch_size: rows decoding at once (the engine admits new rows as others finish).
+        tree_budget: "auto" measures, on the first rows this actor sees, which tree shape (or no
+            drafting) gives the most tokens/s at each active batch size up to batch_size
+            (decoding.budget.choose_table) and uses that table; "off" uses `tree` at every step.
         tree: dict of `decoding.TreeConfig` fields (None: defaults).
         device: "auto" (cuda when available), "cpu" or "cuda".
         dtype: "auto" (fp16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
@@ -39,9 +50,10 @@ class CaptionWorker:
     """
 
     def __init__(self, target: str, draft: str, *, id_column: str = "id", max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, tree: dict | None = None,
-                 s3_endpoint: str | None = None, device: str = "auto", dtype: str = "auto",
-                 torch_threads: int | None = None, seed: int | None = None):
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+                 tree: dict | None = None, s3_endpoint: str | None = None, device: str = "auto",
+                 dtype: str = "auto", torch_threads: int | None = None, seed: int | None = None,
+                 batch_size: int = 8, tree_budget: str = "off"):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -62,57 +74,79 @@ class CaptionWorker:
         self.tree = TreeConfig(**(tree or {}))
         self.decoder = SpeculativeDecoder(self.target, self.draft, tree=self.tree)
         self.id_column = id_column
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.generator = None
-        if temperature > 0 and seed is not None:
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.engine = self.decoder.engine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k)
+        self.seed = seed
+        self.batcher = ContinuousBatcher(self.engine, max_rows=batch_size, pad_token_id=self.pad_token_id,
+                                         torch_threads=torch_threads)
+        if tree_budget not in ("auto", "off"):
+            raise ValueError(f"tree_budget must be 'auto' or 'off', got {tree_budget!r}")
+        self.batch_size = batch_size
+        self.budget_pending = tree_budget == "auto"
+        self.budget = None   # the measured table (a dict) once tree_budget="auto" has run
         self.drill = Drill()
+        self._drill_lock = None
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
         self.drill.event("init")
 
     def options(self) -> dict:
-        return dict(tree=asdict(self.tree), max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperature, top_p=self.top_p, device=str(self.device))
+        o = self.engine.options
+        return dict(tree=asdict(self.tree), max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                    top_p=o.top_p, top_k=o.top_k, device=str(self.device))
 
-    def _pad_batch(self, ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad rows to one length: (input_ids [B, T], attention_mask [B, T])."""
-        T = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, row in enumerate(ids):
-            input_ids[b, T - len(row):] = torch.from_numpy(np.array(row, dtype=np.int64))
-            mask[b, T - len(row):] = 1
-        return input_ids, mask
+    def _requests(self, batch: pa.Table, ok: list[int]) -> list[RowRequest]:
+        ids_col = batch.column("input_ids")
+        pix = batch.column("pixel_values").combine_chunks()
+        width = pix.type.list_size
+        flat = pix.values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, width)
+        shape = self._pixel_shape(width)
+        dtype = next(self.target.parameters()).dtype
+        keys = batch.column(self.id_column).to_pylist()
+        sampling = self.engine.options.sampling
+        pixels = torch.from_numpy(flat[ok]).reshape(len(ok), *shape).to(self.device, dtype)  # one copy
+        requests = []
+        for j, i in enumerate(ok):
+            seed = None
+            if sampling:
+                seed = row_seed(self.seed, keys[i]) if self.seed is not None else random.getrandbits(SEED_BITS)
+            requests.append(RowRequest(ids_col[i].values.to_numpy(zero_copy_only=False), pixels[j:j + 1], seed))
+        return requests
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
+    def _start(self, batch: pa.Table):
+        """Submit the batch's ok rows; returns (future, ok indices, drill ids)."""
         drill_ids = batch.column(self.id_column).to_pylist() if self.drill.wants_ids else None
         self.drill.event("start", drill_ids)
         status = batch.column("status").to_pylist()
-        ok = [i for i in range(n) if status[i] == STATUS_OK]
+        ok = [i for i in range(batch.num_rows) if status[i] == STATUS_OK]
+        requests = self._requests(batch, ok)
+        if self.budget_pending and requests:
+            self._calibrate(requests[:4])
+        return self.batcher.submit(requests), ok, drill_ids
+
+    def _calibrate(self, requests: list[RowRequest]) -> None:
+        """--tree-budget auto: measure the budget table on this device, once, before decoding."""
+        from decoding.budget import DEFAULT_BATCH_SIZES, choose_table
+        from workers.batcher import left_pad
+
+        self.budget_pending = False
+        ids, mask = left_pad([r.input_ids for r in requests], self.pad_token_id)
+        pixels = torch.cat([r.pixel_values for r in requests])
+        sizes = sorted({b for b in DEFAULT_BATCH_SIZES if b < self.batch_size} | {self.batch_size})
+        table = choose_table(self.decoder, ids, mask, pixels, batch_sizes=sizes,
+                             max_new_tokens=min(32, self.engine.options.max_new_tokens))
+        self.decoder.budget = table
+        self.batcher.engine.tree_for = table.lookup
+        self.budget = table.to_dict()
+
+    def _finish(self, batch: pa.Table, ok: list[int], results: list, drill_ids) -> pa.Table:
+        n = batch.num_rows
         columns: dict[str, list] = {f.name: [None] * n for f in OUTPUT_FIELDS}
-        columns["status"] = status
+        columns["status"] = batch.column("status").to_pylist()
         columns["error"] = batch.column("error").to_pylist()
         if ok:
-            ids_col = batch.column("input_ids")
-            ids = [ids_col[i].values.to_numpy(zero_copy_only=False) for i in ok]
-            input_ids, attention_mask = self._pad_batch(ids)
-            pix = batch.column("pixel_values").combine_chunks()
-            width = pix.type.list_size
-            flat = pix.values.to_numpy(zero_copy_only=False).reshape(n, width)[ok]
-            shape = self._pixel_shape(width)
-            pixel_values = torch.from_numpy(np.ascontiguousarray(flat)).reshape(len(ok), *shape)
-            pixel_values = pixel_values.to(self.device, next(self.target.parameters()).dtype)
-            start = time.perf_counter()
-            result = self.decoder.generate(
-                input_ids, attention_mask, pixel_values, max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature, top_p=self.top_p, generator=self.generator)
-            elapsed = time.perf_counter() - start
-            captions = self.tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
+            captions = self.tokenizer.batch_decode([r.tokens for r in results], skip_special_tokens=True)
             for j, i in enumerate(ok):
-                s = result.stats[j]
+                s = results[j].stats
                 columns["caption"][i] = captions[j].strip()
                 columns["new_tokens"][i] = s.new_tokens
                 columns["target_forwards"][i] = s.target_forwards
@@ -120,15 +154,31 @@ class CaptionWorker:
                 columns["accepted_lengths"][i] = list(s.accepted_lengths)
                 columns["draft_tokens"][i] = s.draft_tokens
                 columns["tree_nodes_mean"][i] = (sum(s.tree_nodes) / len(s.tree_nodes)) if s.tree_nodes else 0.0
-                # The batch is decoded together: every row reports the batch's wall time.
-                columns["decode_s"][i] = elapsed
+                columns["decode_s"][i] = results[j].decode_s
             self.rows_decoded += len(ok)
-        self.drill.after_batch()
         self.drill.event("return", drill_ids)
         id_col = batch.column(self.id_column).combine_chunks()
         schema = output_schema(self.id_column, id_col.type)
         arrays = [id_col] + [pa.array(columns[f.name], f.type) for f in OUTPUT_FIELDS]
         return carry_row_index(pa.Table.from_arrays(arrays, schema=schema), batch)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data's entry point: several calls wait here at once while the batcher decodes."""
+        future, ok, drill_ids = self._start(batch)
+        results = await asyncio.wrap_future(future)
+        if self.drill.batch_delay_s:   # drills: returns one batch per delay, as a serial actor would
+            if self._drill_lock is None:
+                self._drill_lock = asyncio.Lock()
+            async with self._drill_lock:
+                await asyncio.sleep(self.drill.batch_delay_s)
+        return self._finish(batch, ok, results, drill_ids)
+
+    def caption(self, batch: pa.Table) -> pa.Table:
+        """The same, blocking (tests, scripts, one batch at a time)."""
+        future, ok, drill_ids = self._start(batch)
+        results = future.result()
+        self.drill.after_batch()
+        return self._finish(batch, ok, results, drill_ids)
 
     def _pixel_shape(self, width: int) -> tuple[int, int, int]:
         vision = self.target.config.vision_config

@@ -1,25 +1,35 @@
-"""`specllava bench --quick --json` emits one valid JSON object; the budget picks from its grid."""
+"""`specllava bench --quick --json` emits one valid JSON object with each method's best batch size;
+best-of and best-vs-best are checked on hand-made rows; the budget picks from its grid."""
 from __future__ import annotations
 
 import copy
 import json
 
+import pytest
 import torch
 
 from decoding import SpeculativeDecoder, TreeConfig
-from decoding.budget import calibrate_tau, choose_tree, forward_latency
+from decoding.budget import BudgetEntry, BudgetTable, calibrate_tau, choose_table, forward_latency, tau_from_steps
 from decoding.testing import make_tiny_llava
+from jobs.bench import best_lines, best_per_method, parse_batch_sizes, resolve_images, speedup_best_vs_best
+from jobs.charts import bench_chart
 from jobs.cli import main
+from jobs.common import UserError
 from tests.helpers import random_batch
 
 RUN_KEYS = {"method", "batch_size", "tokens_per_s", "mean_accepted", "target_forwards_per_token", "match_rate"}
+BEST_KEYS = {"method", "batch_size", "tokens_per_s"}
+
+
+def row(method, batch_size, tokens_per_s):
+    return {"method": method, "batch_size": batch_size, "tokens_per_s": tokens_per_s, "mean_accepted": 1.0}
 
 
 def test_bench_quick_json(tmp_path, capsys):
     chart = tmp_path / "bench.png"
     assert main(["bench", "--quick", "--json", "--chart", str(chart)]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out)                      # exactly one JSON object, nothing else on stdout
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)                      # exactly one JSON object, nothing else on stdout
     assert isinstance(report["device"], str) and report["dtype"] == "float32"  # the one dtype vocabulary
     methods = {(r["method"], r["batch_size"]) for r in report["runs"]}
     assert methods == {("target_greedy", 1), ("hf_assisted", 1), ("static_tree", 1), ("dynamic_tree", 1),
@@ -30,7 +40,108 @@ def test_bench_quick_json(tmp_path, capsys):
         assert r["match_rate"] == 1.0             # fp32: every method reproduces target greedy
         if r["method"] == "target_greedy":
             assert r["mean_accepted"] == 1.0 and r["target_forwards_per_token"] == 1.0
+    assert report["settings"]["batch_sizes"] == [1, 2] and report["settings"]["images"] == 4
+    # best: one entry per method, the maximum of that method's own rows, at a batch size it ran
+    assert [b["method"] for b in report["best"]] == ["target_greedy", "hf_assisted", "static_tree", "dynamic_tree"]
+    for b in report["best"]:
+        assert set(b) == BEST_KEYS
+        mine = [r for r in report["runs"] if r["method"] == b["method"]]
+        assert b["tokens_per_s"] == max(r["tokens_per_s"] for r in mine)
+        assert {"batch_size": b["batch_size"], "tokens_per_s": b["tokens_per_s"]}.items() <= next(
+            r for r in mine if r["batch_size"] == b["batch_size"]).items()
+    assert next(b for b in report["best"] if b["method"] == "hf_assisted")["batch_size"] == 1   # batch 1 only
+    base = next(b for b in report["best"] if b["method"] == "target_greedy")["tokens_per_s"]
+    assert set(report["speedup_best_vs_best"]) == {"hf_assisted", "static_tree", "dynamic_tree"}
+    for b in report["best"][1:]:
+        assert report["speedup_best_vs_best"][b["method"]] == pytest.approx(b["tokens_per_s"] / base, abs=1e-3)
+    assert "best target_greedy" in captured.err and "best dynamic_tree" in captured.err   # the table's best lines
     assert chart.stat().st_size > 1000
+
+
+def test_best_per_method_hand_made_rows():
+    runs = [row("target_greedy", 1, 96.0), row("dynamic_tree", 1, 166.0),
+            row("target_greedy", 8, 300.0), row("dynamic_tree", 8, 480.0),
+            row("target_greedy", 128, 1129.0), row("dynamic_tree", 64, 1180.0), row("dynamic_tree", 128, 1100.0),
+            row("hf_assisted", 1, 80.0)]     # measured at batch 1 only
+    best = best_per_method(runs)
+    assert best == [{"method": "target_greedy", "batch_size": 128, "tokens_per_s": 1129.0},
+                    {"method": "dynamic_tree", "batch_size": 64, "tokens_per_s": 1180.0},   # not the largest batch
+                    {"method": "hf_assisted", "batch_size": 1, "tokens_per_s": 80.0}]
+    assert speedup_best_vs_best(best) == {"dynamic_tree": round(1180 / 1129, 3), "hf_assisted": round(80 / 1129, 3)}
+    assert speedup_best_vs_best(best)["dynamic_tree"] == 1.045
+
+
+def test_best_per_method_ties_go_to_the_smaller_batch():
+    runs = [row("static_tree", 32, 500.0), row("static_tree", 8, 500.0), row("static_tree", 128, 499.99),
+            row("static_tree", 1, 100.0)]
+    assert best_per_method(runs) == [{"method": "static_tree", "batch_size": 8, "tokens_per_s": 500.0}]
+    assert best_per_method(runs[::-1]) == [{"method": "static_tree", "batch_size": 8, "tokens_per_s": 500.0}]
+
+
+def test_best_per_method_is_independent_of_row_order_and_empty_safe():
+    runs = [row("target_greedy", bs, tps) for bs, tps in ((1, 50.0), (8, 400.0), (32, 350.0))]
+    assert best_per_method(runs) == best_per_method(runs[::-1]) == [
+        {"method": "target_greedy", "batch_size": 8, "tokens_per_s": 400.0}]
+    assert best_per_method([]) == []
+
+
+def test_speedup_without_baseline_is_empty():
+    best = [{"method": "dynamic_tree", "batch_size": 8, "tokens_per_s": 480.0}]
+    assert speedup_best_vs_best(best) == {}
+    assert best_lines(best, {}) == ["best dynamic_tree      480.0 tok/s at batch 8"]
+
+
+def test_best_lines_name_batch_and_speedup():
+    best = [{"method": "target_greedy", "batch_size": 128, "tokens_per_s": 1000.0},
+            {"method": "dynamic_tree", "batch_size": 64, "tokens_per_s": 1180.0}]
+    lines = best_lines(best, speedup_best_vs_best(best))
+    assert lines[0].split() == ["best", "target_greedy", "1000.0", "tok/s", "at", "batch", "128"]
+    assert lines[1].split()[-3:] == ["1.18x", "target_greedy's", "best"] and "at batch 64" in lines[1]
+
+
+def test_bench_chart_outlines_each_best_bar(tmp_path):
+    from PIL import Image
+    runs = [row("target_greedy", 1, 100.0), row("dynamic_tree", 1, 150.0),
+            row("target_greedy", 8, 400.0), row("dynamic_tree", 8, 300.0)]
+    best = best_per_method(runs)
+    with_best, without = tmp_path / "best.png", tmp_path / "plain.png"
+    bench_chart(runs, best, speedup_best_vs_best(best), with_best)
+    bench_chart(runs, [], {}, without)
+    a, b = Image.open(with_best), Image.open(without)
+    assert a.size == b.size and a.tobytes() != b.tobytes()
+    # target_greedy's best bar (batch 8, the tallest): its top edge is black where the plain chart is grey
+    width, height = a.size
+    group_w = (width - 80) / 2
+    x = int(60 + group_w + group_w * 0.1 + group_w * 0.4 / 2)          # middle of the first bar of group 2
+    y_top = int(height - 50 - (height - 116))                          # the tallest bar reaches the plot top
+    assert a.getpixel((x, y_top)) == (0, 0, 0) and b.getpixel((x, y_top)) == (127, 127, 127)
+
+
+def test_batch_sizes_and_images_defaults():
+    assert parse_batch_sizes("1,8,32,128") == [1, 8, 32, 128]
+    assert parse_batch_sizes("8, 1,8") == [1, 8]
+    assert resolve_images(None, [1, 8, 32, 128]) == 128          # enough for the largest batch
+    assert resolve_images(None, [1, 2], quick=True) == 4
+    assert resolve_images(200, [1, 128]) == 200
+    with pytest.raises(UserError, match="--images 16 is smaller than the largest --batch-sizes 128"):
+        resolve_images(16, [1, 8, 32, 128])
+    for bad in ("1,x", "0,8", ""):
+        with pytest.raises(UserError, match="--batch-sizes"):
+            parse_batch_sizes(bad)
+
+
+def test_bench_default_batch_sizes_are_1_8_32_128():
+    from jobs.cli import build_parser
+    args = build_parser().parse_args(["bench"])
+    assert args.batch_sizes is None and args.images is None       # resolved in run(): 1,8,32,128 on 128 images
+    from jobs.bench import DEFAULT_BATCH_SIZES
+    assert parse_batch_sizes(DEFAULT_BATCH_SIZES) == [1, 8, 32, 128]
+
+
+def test_bench_too_few_images_exit_2_before_loading(capsys):
+    assert main(["bench", "--images", "16", "--target", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "--images 16 is smaller than the largest --batch-sizes 128" in err
 
 
 def test_bench_bad_methods_exit_2(capsys):
@@ -52,22 +163,51 @@ def test_calibrated_tau_grows_with_budget_and_depth():
     target, draft = _pair()
     ids, mask, pixels = random_batch(target, 2, [3, 6], seed=0)
     decoder = SpeculativeDecoder(target, draft, TreeConfig(threshold=0.0))
-    tau = calibrate_tau(decoder, ids, mask, pixels, 24, (1, 4, 16), (1, 3, 6))
+    tau = calibrate_tau(decoder, ids, mask, pixels, 24, (1, 4, 16, 10 ** 6), (1, 3, 6))
     assert decoder.tree == TreeConfig(threshold=0.0) and decoder.step_observer is None   # restored
     for d in (1, 3, 6):
-        assert 1.0 <= tau[(1, d)] <= tau[(4, d)] <= tau[(16, d)] <= d + 1
-    for n in (1, 4, 16):
-        assert tau[(n, 1)] <= tau[(n, 3)] <= tau[(n, 6)]
+        assert 1.0 <= tau[(1, d)] <= tau[(4, d)] <= tau[(16, d)] <= tau[(10 ** 6, d)] <= d + 1
+    # With room for every candidate, deeper trees never accept less. With a small budget they may:
+    # deeper chain nodes rank first and push accepted shallow siblings out (the estimate says so).
+    assert tau[(10 ** 6, 1)] <= tau[(10 ** 6, 3)] <= tau[(10 ** 6, 6)]
 
 
-def test_choose_tree_picks_from_grid():
+def test_choose_table_measures_each_batch_size():
     target, draft = _pair()
-    ids, mask, pixels = random_batch(target, 1, [4], seed=1)
+    ids, mask, pixels = random_batch(target, 2, [4, 7], seed=1)
     decoder = SpeculativeDecoder(target, draft)
-    report = choose_tree(decoder, ids, mask, pixels, max_new_tokens=12, max_nodes_grid=(2, 8), depth_grid=(2, 4))
-    assert (report.tree.max_nodes, report.tree.max_depth) in report.tau
-    assert set(report.verify_s) == {2, 8}
-    assert json.dumps(report.to_dict())
+    table = choose_table(decoder, ids, mask, pixels, batch_sizes=(1, 4), max_new_tokens=12,
+                         shapes=((1, 1), (4, 2)), steps=1)
+    assert [e.batch_size for e in table.entries] == [1, 4]
+    for e in table.entries:
+        assert set(e.step_s) == {"1,1", "4,2", "none"} and all(v > 0 for v in e.step_s.values())
+        best = max(e.predicted_tps, key=e.predicted_tps.get)
+        assert (e.tree is None) == (best == "none")
+        if e.tree is not None:
+            assert f"{e.tree.max_nodes},{e.tree.max_depth}" == best
+        assert e.predicted_tps["none"] == pytest.approx(1 / e.step_s["none"])
+    assert decoder.budget is None and json.dumps(table.to_dict())
+
+
+def test_budget_table_lookup_by_active_rows():
+    chain, bushy = TreeConfig(max_nodes=1, max_depth=1), TreeConfig()
+    table = BudgetTable(entries=[BudgetEntry(1, bushy), BudgetEntry(8, chain), BudgetEntry(32, None)])
+    assert [table.lookup(b) for b in (1, 2, 7)] == [bushy] * 3
+    assert [table.lookup(b) for b in (8, 31)] == [chain] * 2
+    assert table.lookup(32) is None and table.lookup(500) is None
+    assert BudgetTable(entries=[BudgetEntry(8, chain)]).lookup(1) == chain   # below every entry: the smallest
+
+
+def test_tau_ranks_nodes_among_shallow_candidates_only():
+    """A depth-2 path node ranked 3rd overall but 1st among depth<=1... candidates is kept with
+    n=2 at d=2 only if fewer than 2 candidates of depth <= 2 rank before it."""
+    # candidates: A (depth 1, rank 0), X (depth 3, rank 1), Y (depth 3, rank 2), B (depth 2, rank 3)
+    # accepted path: A then B
+    step = ([0, 3], [1, 2], [0, 1, 2, 3], [1, 3, 3, 2])
+    tau = tau_from_steps([step], (2, 4), (2, 3))
+    assert tau[(2, 2)] == 3.0     # at d=2, X and Y do not exist: B is 2nd -> kept (the old estimate said 2.0)
+    assert tau[(2, 3)] == 2.0     # at d=3, A, X, Y rank before B: not kept with n=2
+    assert tau[(4, 3)] == 3.0
 
 
 def test_forward_latency_positive():

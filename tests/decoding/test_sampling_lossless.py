@@ -136,3 +136,67 @@ def test_chi_square_has_power(pair):
     draws = torch.multinomial(exact.flatten().float(), N_SAMPLES, replacement=True, generator=gen)
     counts = torch.bincount(draws, minlength=V ** 3).view(V, V, V)
     assert chi_square_p(counts, exact) > ALPHA
+
+
+# -- top_k: the cut `generate` applies by default (50 when the generation config leaves it unset) ----
+
+V_WIDE = 64       # wider than 50, so the default top_k removes tokens
+N_WIDE = 40_000
+
+
+@pytest.fixture(scope="module")
+def wide_pair():
+    target = make_tiny_llava(seed=8, vocab_size=V_WIDE, image_token_id=V_WIDE - 1, hidden_size=32,
+                             initializer_range=0.15)
+    target.generation_config.top_k = None           # generate falls back to transformers' 50
+    draft = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in draft.model.language_model.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    ids, mask, pixels = random_batch(target, 1, [4], seed=1)
+    return target, draft, ids, mask, pixels
+
+
+def exact_pair_joint(model, ids, mask, pixels, temperature, top_k) -> torch.Tensor:
+    """P(t1, t2) under temperature + top-k (independent implementation), [V, V]."""
+    from transformers import DynamicCache
+
+    def warp_k(logits):
+        logits = logits.double() / temperature
+        if top_k:
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    with torch.no_grad():
+        cache = DynamicCache()
+        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(V_WIDE)
+        attn = torch.ones(V_WIDE, ids.shape[1] + 1, dtype=torch.long)
+        second = model(input_ids=torch.arange(V_WIDE).unsqueeze(1), attention_mask=attn, cache=cache,
+                       use_cache=True).logits[:, -1]
+    return warp_k(first.logits[0, -1])[:, None] * warp_k(second)
+
+
+def test_default_top_k_cut_is_applied(wide_pair):
+    """Speculative samples follow temperature + top_k=50 (what generate applies by default); the
+    same test rejects the distribution without the cut, so the cut really matters here."""
+    target, draft, ids, mask, pixels = wide_pair
+    decoder = SpeculativeDecoder(target, draft, TreeConfig(top_k=3, frontier=2, max_depth=1, max_nodes=3,
+                                                           threshold=0.0))
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.zeros(V_WIDE, V_WIDE, dtype=torch.long)
+    for _ in range(N_WIDE // CHUNK):
+        res = decoder.generate(ids.expand(CHUNK, -1), mask.expand(CHUNK, -1), pixels.expand(CHUNK, -1, -1, -1),
+                               max_new_tokens=2, temperature=1.5, eos_token_id=[], generator=gen)
+        seqs = torch.tensor(res.sequences)
+        counts.view(-1).index_add_(0, seqs[:, 0] * V_WIDE + seqs[:, 1], torch.ones(CHUNK, dtype=torch.long))
+    with_cut = exact_pair_joint(target, ids, mask, pixels, 1.5, 50)
+    without_cut = exact_pair_joint(target, ids, mask, pixels, 1.5, 0)
+    assert float(without_cut[with_cut == 0].sum()) > 0.02          # the cut removes real mass
+    assert int(counts[with_cut == 0].sum()) == 0                    # nothing outside the top 50
+    p = chi_square_p(counts, with_cut)
+    assert p > ALPHA, f"samples differ from temperature + top_k=50 (chi-square p={p:.2e})"
+    # negative control: the uncut distribution is rejected by the same test on the same samples
+    assert chi_square_p(counts, without_cut) < ALPHA

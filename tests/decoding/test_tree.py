@@ -69,7 +69,8 @@ def test_greedy_accept_longest_matching_path():
     logits[0, 1, 12] = 5
     logits[0, 3, 7] = 5
     acc = greedy_accept(tree, logits)
-    assert acc.paths == [[0, 2]] and acc.bonus == [7]
+    assert acc.paths == [[0, 2]] and acc.bonus.tolist() == [7]
+    assert acc.tokens.tolist() == [[10, 12, 7, 0]] and acc.length.tolist() == [2]
 
 
 def test_greedy_accept_root_rejected():
@@ -77,7 +78,7 @@ def test_greedy_accept_root_rejected():
     logits = torch.zeros(1, 6, 20)
     logits[0, 0, 3] = 5
     acc = greedy_accept(tree, logits)
-    assert acc.paths == [[]] and acc.bonus == [3]
+    assert acc.paths == [[]] and acc.bonus.tolist() == [3]
 
 
 def test_greedy_accept_child_of_rejected_node_never_accepted():
@@ -91,9 +92,10 @@ def test_greedy_accept_child_of_rejected_node_never_accepted():
 
 def test_expand_children_scores_and_chain():
     lp = torch.log(torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]]))   # [B=1, F=2, V=3]
-    tok, par, score, valid, chain = expand_children(
+    c = expand_children(
         torch.tensor([[4, 7]]), torch.log(torch.tensor([[0.5, 0.25]])), torch.tensor([[True, True]]),
         torch.tensor([[True, False]]), lp, top_k=2)
+    tok, par, score, valid, chain = c.tokens, c.parents, c.scores, c.valid, c.chain
     assert tok.tolist() == [[0, 1, 2, 0]] or tok.tolist() == [[0, 1, 2, 1]]
     assert par.tolist() == [[4, 4, 7, 7]]
     assert torch.allclose(score.exp(), torch.tensor([[0.25, 0.15, 0.2, 0.025]]))

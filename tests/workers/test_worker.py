@@ -57,7 +57,7 @@ def test_worker_batch_matches_target_greedy_and_keeps_every_row(preprocessor, wo
                       "prompt": pa.array([prompts.get(k) for k in ids], pa.string())})
     pre = preprocessor(batch)
     assert pre.column("id").to_pylist() == ids
-    out = worker(pre)
+    out = worker.caption(pre)
     assert out.schema == output_schema("id", pa.string())
     rows = {r["id"]: r for r in out.to_pylist()}
     assert list(rows) == ids
@@ -80,7 +80,7 @@ def test_worker_all_error_batch_decodes_nothing(preprocessor, worker):
     batch = pa.table({"id": ["a", "b"], "image": pa.array([b"", corrupt_bytes()], pa.binary()),
                       "prompt": pa.array([None, None], pa.string())})
     before = worker.rows_decoded
-    out = worker(preprocessor(batch))
+    out = worker.caption(preprocessor(batch))
     assert out.column("status").to_pylist() == ["error", "error"]
     assert worker.rows_decoded == before
 
@@ -107,9 +107,37 @@ def test_models_from_s3_prefix(s3, tiny_pair, tmp_path, monkeypatch):
     pre = Preprocessor("s3://models/pair/target", s3_endpoint=s3.endpoint)
     worker = CaptionWorker("s3://models/pair/target", "s3://models/pair/draft", s3_endpoint=s3.endpoint,
                            max_new_tokens=4, torch_threads=1)
-    out = worker(pre(pa.table({"id": ["a"], "image": [png_bytes(3)]})))
+    out = worker.caption(pre(pa.table({"id": ["a"], "image": [png_bytes(3)]})))
     assert out.column("status").to_pylist() == ["ok"]
     copies = sorted(os.listdir(tmp_path / "cache"))
     assert len(copies) == 3  # processor-only copy of the target, full target, full draft
     weights = [sorted(f for f in os.listdir(tmp_path / "cache" / c) if f.endswith(".safetensors")) for c in copies]
     assert sorted(len(w) > 0 for w in weights) == [False, True, True]
+
+
+def test_tree_budget_auto_measures_a_table_and_keeps_captions_exact(preprocessor, tiny_pair):
+    """--tree-budget auto: the actor measures a tree (or none) per active batch size on its first
+    rows; several batches in flight through the async entry point; captions stay the target's."""
+    import asyncio
+
+    from workers.caption import CaptionWorker
+
+    worker = CaptionWorker(*tiny_pair, max_new_tokens=MAX_NEW, torch_threads=1, batch_size=3, tree_budget="auto")
+    images = {f"q{i}": png_bytes(40 + i) for i in range(7)}
+    prompts = {"q2": "w5 w6 w7 w8 w9 w10 w11", "q5": "w3"}
+    groups = [["q0", "q1", "q2"], ["q3", "q4"], ["q5", "q6"]]
+
+    def table(keys):
+        return preprocessor(pa.table({"id": keys, "image": pa.array([images[k] for k in keys], pa.binary()),
+                                      "prompt": pa.array([prompts.get(k) for k in keys], pa.string())}))
+
+    async def main():
+        return await asyncio.gather(*(worker(table(g)) for g in groups))
+
+    outs = asyncio.run(main())
+    assert [o.column("id").to_pylist() for o in outs] == groups          # each batch whole, in input order
+    assert [e["batch_size"] for e in worker.budget["by_batch_size"]] == [1, 3]
+    ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images, prompts), MAX_NEW)
+    for out in outs:
+        for row in out.to_pylist():
+            assert row["status"] == "ok" and row["caption"] == ref[row["id"]], row["id"]
