@@ -216,21 +216,19 @@ def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
     # Several input batches in flight per actor (as ray.data.llm's engine stage): CaptionWorker's
     # async __call__ hands each to its continuous batcher, which keeps batch_size rows decoding.
     in_flight = config.max_concurrent_batches
-    remote_args = {"max_concurrency": in_flight}
-    if drills:
-        remote_args["runtime_env"] = {"env_vars": drills}
     return ds.map_batches(
         CaptionWorker, batch_format="pyarrow", batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=config.actors_min, max_size=config.actors_max,
-                                           max_tasks_in_flight_per_actor=in_flight),
+                                           max_tasks_in_flight_per_actor=in_flight,
+                                           max_concurrent_calls_per_actor=in_flight),
+        runtime_env={"env_vars": drills} if drills else None,
         num_gpus=config.gpus_per_actor or None, num_cpus=config.cpus_per_actor,
         fn_constructor_kwargs=dict(
             target=config.target, draft=config.draft, id_column=config.id_column,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, tree=dict(config.tree), s3_endpoint=config.s3_endpoint, dtype=config.dtype,
             device="cuda" if config.gpus_per_actor > 0 else "cpu", torch_threads=threads,
-            seed=config.seed, batch_size=config.batch_size, tree_budget=config.tree_budget),
-        **remote_args)
+            seed=config.seed, batch_size=config.batch_size, tree_budget=config.tree_budget))
 
 
 def execute(ds, writer: UnitWriter) -> None:
