@@ -47,3 +47,16 @@ def target_greedy(model, ids, mask, pixels, max_new_tokens: int, eos: int | list
         out = model.generate(**kwargs)[:, ids.shape[1]:].tolist()
     eos_set = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
     return cut_after_eos(out, eos_set)
+
+
+def perturbed_copy(model, scale: float, seed: int):
+    """A draft for tests: a copy of `model` whose text-model weights get Gaussian noise of `scale`
+    times each tensor's std (close to the target: long accepted paths with real rejections)."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.model.language_model.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return draft

@@ -17,7 +17,7 @@ from decoding import SpeculativeDecoder, TreeConfig
 from decoding.engine import default_top_k, row_seed
 from decoding.testing import make_tiny_llava
 from tests.decoding.test_greedy_lossless import draft_model, target_model
-from tests.helpers import random_batch, target_greedy
+from tests.helpers import perturbed_copy, random_batch, target_greedy
 
 
 def solo(ids, mask, pixels, b):
@@ -183,11 +183,7 @@ def reference_sample(target, ids, mask, pixels, seed, max_new, temperature, top_
 def test_sampled_row_depends_only_on_its_seed(temperature, top_p, top_k):
     V = 64
     target = make_tiny_llava(seed=5, vocab_size=V, image_token_id=V - 1, hidden_size=32, initializer_range=0.3)
-    draft = make_tiny_llava(seed=5, vocab_size=V, image_token_id=V - 1, hidden_size=32, initializer_range=0.3)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in draft.model.language_model.parameters():
-            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    draft = perturbed_copy(target, 0.3, seed=1)
     n, max_new, eos = 6, 14, [2]
     ids, mask, pixels = random_batch(target, n, [1, 9, 4, 15, 3, 7], seed=3)
     seeds = [row_seed(1234, f"img-{b}") for b in range(n)]

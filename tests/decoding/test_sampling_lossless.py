@@ -12,7 +12,6 @@ target samples at the wrong temperature, are both rejected at p < 0.001.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 
 from decoding import SpeculativeDecoder, TreeConfig
 from decoding.testing import make_tiny_llava
-from tests.helpers import random_batch
+from tests.helpers import perturbed_copy, random_batch
 
 V = 8
 N_SAMPLES = 20_000
@@ -31,11 +30,7 @@ ALPHA = 1e-3
 @pytest.fixture(scope="module")
 def pair():
     target = make_tiny_llava(seed=3, vocab_size=V, image_token_id=V - 1, hidden_size=32, initializer_range=0.5)
-    draft = copy.deepcopy(target)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in draft.model.language_model.parameters():
-            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    draft = perturbed_copy(target, 0.5, seed=0)
     ids, mask, pixels = random_batch(target, 1, [3], seed=0)
     return target, draft, ids, mask, pixels
 
@@ -149,11 +144,7 @@ def wide_pair():
     target = make_tiny_llava(seed=8, vocab_size=V_WIDE, image_token_id=V_WIDE - 1, hidden_size=32,
                              initializer_range=0.15)
     target.generation_config.top_k = None           # generate falls back to transformers' 50
-    draft = copy.deepcopy(target)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in draft.model.language_model.parameters():
-            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    draft = perturbed_copy(target, 0.3, seed=2)
     ids, mask, pixels = random_batch(target, 1, [4], seed=1)
     return target, draft, ids, mask, pixels
 
