@@ -15,7 +15,6 @@ import asyncio
 import random
 from dataclasses import asdict
 
-import numpy as np
 import pyarrow as pa
 import torch
 
