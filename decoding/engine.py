@@ -216,10 +216,7 @@ class SpeculativeEngine:
             keep = [b for b in range(B) if not finished_first[b]]
             if not keep:
                 return done
-            index = torch.tensor(keep, device=self.device)
-            new.select(keep, index)
-            tgt.select_rows(index)
-            drf.select_rows(index)
+            _keep_rows(new, tgt, drf, keep)
         if self._rows is None:
             self._rows, self._tgt, self._drf = new, tgt, drf
         else:
@@ -284,7 +281,7 @@ class SpeculativeEngine:
             accepted.append(st.accepted_lengths[-1])
             if kept is not None:
                 finished_at.append(i)
-        if n_draft and depth >= 1:   # the draft saw every pending token: the step's tokens are the new backlog
+        if depth >= 1:               # the draft saw every pending token: the step's tokens are the new backlog
             rows.pending, rows.pending_len = acc.tokens, acc.length + 1
         else:                        # nothing fed (or the backlog just fed): append to what the draft has not seen
             rows.pending, rows.pending_len = _append_rows(rows.pending, rows.pending_len, acc.tokens, acc.length + 1)
@@ -316,10 +313,15 @@ class SpeculativeEngine:
         if not keep:
             self._rows = self._tgt = self._drf = None
             return
-        index = torch.tensor(keep, device=self.device)
-        self._rows.select(keep, index)
-        self._tgt.select_rows(index)
-        self._drf.select_rows(index)
+        _keep_rows(self._rows, self._tgt, self._drf, keep)
+
+
+def _keep_rows(rows: _Rows, tgt, drf, keep: list[int]) -> None:
+    """Keep only rows `keep` of the per-row state and both caches."""
+    index = torch.tensor(keep, device=rows.last.device)
+    rows.select(keep, index)
+    tgt.select_rows(index)
+    drf.select_rows(index)
 
 
 def _extend(out: list[int], tokens: list[int], opts: SamplingOptions) -> int | None:

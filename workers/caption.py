@@ -73,10 +73,11 @@ class CaptionWorker:
         self.tree = TreeConfig(**(tree or {}))
         self.decoder = SpeculativeDecoder(self.target, self.draft, tree=self.tree)
         self.id_column = id_column
-        self.engine = self.decoder.engine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          top_k=top_k)
+        engine = self.decoder.engine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     top_k=top_k)
         self.seed = seed
-        self.batcher = ContinuousBatcher(self.engine, max_rows=batch_size, pad_token_id=self.pad_token_id,
+        # The batcher owns the engine (and replaces it with a fresh one after a model error).
+        self.batcher = ContinuousBatcher(engine, max_rows=batch_size, pad_token_id=self.pad_token_id,
                                          torch_threads=torch_threads)
         if tree_budget not in ("auto", "off"):
             raise ValueError(f"tree_budget must be 'auto' or 'off', got {tree_budget!r}")
@@ -89,7 +90,7 @@ class CaptionWorker:
         self.drill.event("init")
 
     def options(self) -> dict:
-        o = self.engine.options
+        o = self.batcher.engine.options
         return dict(tree=asdict(self.tree), max_new_tokens=o.max_new_tokens, temperature=o.temperature,
                     top_p=o.top_p, top_k=o.top_k, device=str(self.device))
 
@@ -101,7 +102,7 @@ class CaptionWorker:
         shape = self._pixel_shape(width)
         dtype = next(self.target.parameters()).dtype
         keys = batch.column(self.id_column).to_pylist()
-        sampling = self.engine.options.sampling
+        sampling = self.batcher.engine.options.sampling
         pixels = torch.from_numpy(flat[ok]).reshape(len(ok), *shape).to(self.device, dtype)  # one copy
         requests = []
         for j, i in enumerate(ok):
@@ -132,7 +133,7 @@ class CaptionWorker:
         pixels = torch.cat([r.pixel_values for r in requests])
         sizes = sorted({b for b in DEFAULT_BATCH_SIZES if b < self.batch_size} | {self.batch_size})
         table = choose_table(self.decoder, ids, mask, pixels, batch_sizes=sizes,
-                             max_new_tokens=min(32, self.engine.options.max_new_tokens))
+                             max_new_tokens=min(32, self.batcher.engine.options.max_new_tokens))
         self.decoder.budget = table
         self.batcher.engine.tree_for = table.lookup
         self.budget = table.to_dict()
