@@ -199,8 +199,8 @@ def test_budget_table_lookup_by_active_rows():
 
 
 def test_tau_ranks_nodes_among_shallow_candidates_only():
-    """A depth-2 path node ranked 3rd overall but 1st among depth<=1... candidates is kept with
-    n=2 at d=2 only if fewer than 2 candidates of depth <= 2 rank before it."""
+    """A path node is kept with budget n at depth bound d iff fewer than n candidates of depth
+    <= d rank before it: deeper candidates do not count against it when d excludes them."""
     # candidates: A (depth 1, rank 0), X (depth 3, rank 1), Y (depth 3, rank 2), B (depth 2, rank 3)
     # accepted path: A then B
     step = ([0, 3], [1, 2], [0, 1, 2, 3], [1, 3, 3, 2])
