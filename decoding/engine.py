@@ -39,6 +39,7 @@ from .verify import Acceptance, greedy_accept, inverse_cdf, sample_accept, targe
 
 SEED_BITS = 63
 PENDING_CAP = 16   # steps without drafting let the draft's backlog grow up to this, then feed it
+RESERVE_TOKENS = 256   # cache slots preallocated per row for new tokens when rows join (cache.SlotLayer)
 
 
 def row_seed(seed: int, key) -> int:
@@ -193,6 +194,11 @@ class SpeculativeEngine:
             draft_mm = project_image_features(dec.draft, hidden)
         tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm)
         drf, _ = prefill(dec.draft, input_ids, attention_mask, pixel_values, draft_mm)
+        # Room for the tokens to come (up to RESERVE_TOKENS; longer outputs grow the buffers) and one
+        # step's temporary slots, so that steps write in place instead of copying the caches.
+        ahead = min(opts.max_new_tokens, RESERVE_TOKENS)
+        tgt.reserve(ahead + dec.tree.max_nodes + 1)
+        drf.reserve(ahead + PENDING_CAP + dec.tree.max_depth * dec.tree.frontier)
         uniforms = None
         if opts.sampling:
             uniforms = torch.stack([

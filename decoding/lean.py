@@ -51,11 +51,9 @@ def lean_forward(model, state: KVState, tokens: Tensor, positions: Tensor, mask:
         v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache = layers[i]
-        cache.keys = torch.cat([cache.keys, k], dim=2)
-        cache.values = torch.cat([cache.values, v], dim=2)
+        keys, values = layers[i].update(k, v)                              # in place (cache.SlotLayer)
         m = mask if isinstance(mask, Tensor) else mask[kinds[i] if kinds else "full_attention"]
-        out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=m, scale=attn.scaling,
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=attn.scaling,
                                              enable_gqa=q.shape[1] != k.shape[1])
         h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .cache import HOLE, KVState
+from .cache import HOLE, KVState, SlotCache
 from .errors import InputError, ModelPairError
 from .lean import lean_forward
 
@@ -177,7 +176,7 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
         kwargs["mm_encoder_outputs"] = mm_encoder_outputs
     elif pixel_values is not None:
         kwargs["pixel_values"] = pixel_values.to(model_dtype(model))
-    cache = DynamicCache()
+    cache = SlotCache()
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
     window, kinds = sliding_window(model)
