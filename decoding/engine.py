@@ -197,7 +197,7 @@ class SpeculativeEngine:
         # Room for the tokens to come (up to RESERVE_TOKENS; longer outputs grow the buffers) and one
         # step's temporary slots, so that steps write in place instead of copying the caches.
         ahead = min(opts.max_new_tokens, RESERVE_TOKENS)
-        tgt.reserve(ahead + dec.tree.max_nodes + 1)
+        tgt.reserve(ahead + min(dec.tree.max_nodes, dec.tree.max_candidates) + 1)
         drf.reserve(ahead + PENDING_CAP + dec.tree.max_depth * dec.tree.frontier)
         uniforms = None
         if opts.sampling:
