@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .draft import TreeDrafter
 from .engine import SamplingOptions, SpeculativeEngine, default_top_k, eos_set, seeds_from
-from .models import check_pair, shares_vision_tower, vocab_size
+from .models import check_pair, lean_is_exact, shares_vision_tower, vocab_size
 from .stats import GenerationResult
 from .tree import TreeConfig
 
@@ -30,6 +30,9 @@ class SpeculativeDecoder:
         self.draft = draft
         self.tree = tree or TreeConfig()
         self.shared_vision = shares_vision_tower(target, draft)
+        # Verify with the lean forward when it is bit-identical to transformers' for this target
+        # (models.lean_is_exact): same logits, without transformers' per-layer overhead.
+        self.lean_target = lean_is_exact(target)
         self.drafter = TreeDrafter(draft, self.tree, min(vocab_size(target), vocab_size(draft)))
         # Optional observer called after every verify step with (tree, acceptance); used by
         # the tree-budget calibration (budget.py). None in normal use.

@@ -259,7 +259,8 @@ class SpeculativeEngine:
         tokens = torch.cat([rows.last.unsqueeze(1), tree.tokens], dim=1)
         positions = verify_positions(tree, self._tgt.lengths)
         query_valid = torch.cat([torch.ones_like(rows.last, dtype=torch.bool).unsqueeze(1), tree.valid], 1)
-        logits = forward_block(dec.target, self._tgt, tokens, positions, verify_visibility(tree), query_valid)
+        logits = forward_block(dec.target, self._tgt, tokens, positions, verify_visibility(tree), query_valid,
+                               lean=dec.lean_target)
         if opts.sampling:
             acc = sample_accept(tree, logits, rows.uniforms, rows.produced, max(depth, 0),
                                 opts.temperature, opts.top_p, opts.top_k)

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .cache import HOLE, KVState, SlotCache
 from .errors import InputError, ModelPairError
-from .lean import lean_forward
+from .lean import lean_forward, supports_lean
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 # Draft and target vocabularies may differ by embedding padding (e.g. 32000 vs 32064);
@@ -190,7 +190,8 @@ def forward_block(model, state: KVState, tokens: Tensor, positions: Tensor, extr
 
     tokens, positions, query_valid: [B, Q]; extra_vis: [B, Q, S - committed + Q] bool (see
     KVState.attention_mask). Appends Q slots to the cache. Returns logits [B, Q, V].
-    lean=True uses decoding/lean.py instead of the transformers forward (drafts only).
+    lean=True uses decoding/lean.py instead of the transformers forward (the draft always when
+    supported; the target only when `lean_is_exact` holds for it).
     """
     vmax = model.get_input_embeddings().weight.shape[0]
     tokens = torch.where(tokens < vmax, tokens, torch.zeros_like(tokens))  # padded-vocab ids the model lacks
@@ -202,6 +203,40 @@ def forward_block(model, state: KVState, tokens: Tensor, positions: Tensor, extr
                        use_cache=True).logits
     state.appended(positions, query_valid)
     return logits
+
+
+@torch.no_grad()
+def lean_is_exact(model) -> bool:
+    """True when the lean forward (lean.py) gives this model's transformers forward's logits and
+    cache bit for bit on a probe: two rows (one left-padded), a tree-shaped block of 3 tokens.
+
+    The decoder verifies with the lean forward only then (it skips transformers' per-layer
+    overhead); any difference, on any device or kernel choice, keeps the transformers forward,
+    so the target's own logits decide every accepted token either way."""
+    if not supports_lean(model):
+        return False
+    device = model_device(model)
+    vocab = min(vocab_size(model), model.get_input_embeddings().weight.shape[0])
+    g = torch.Generator().manual_seed(0)
+
+    def ids(shape):
+        t = torch.randint(0, vocab, shape, generator=g)
+        return t.masked_fill(t == model.config.image_token_id, 0).to(device)
+
+    prompt, tokens = ids((2, 6)), ids((2, 3))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    vis = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool, device=device).expand(2, 3, 3)
+    valid = torch.ones(2, 3, dtype=torch.bool, device=device)
+    results = []
+    for lean in (False, True):
+        state, _ = prefill(model, prompt, mask, None)
+        positions = state.lengths.unsqueeze(1) + torch.tensor([0, 1, 1], device=device)
+        logits = forward_block(model, state, tokens, positions, vis, valid, lean=lean)
+        results.append((logits, [(layer.keys, layer.values) for layer in state.cache.layers]))
+    (hf, hf_cache), (lean_logits, lean_cache) = results
+    return torch.equal(hf, lean_logits) and all(torch.equal(a, c) and torch.equal(b, d)
+                                                for (a, b), (c, d) in zip(hf_cache, lean_cache))
 
 
 def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> None:

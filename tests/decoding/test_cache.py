@@ -84,3 +84,18 @@ def test_a_verify_step_writes_into_the_reserved_buffer():
     assert state.slot_pos.shape[1] == 9 and all(layer.length == 9 for layer in state.cache.layers)
     assert state.slot_pos[1, -1] == HOLE and state.lengths.tolist() == [9, 6]
     assert isinstance(state, KVState)
+
+
+def test_rows_joining_reserve_a_bounded_room():
+    """The engine preallocates room for the tokens to come and one tree, bounded by the nodes a
+    tree can have (the budget calibration decodes with max_nodes=10**6)."""
+    from decoding import SpeculativeDecoder, TreeConfig
+    from decoding.engine import RESERVE_TOKENS
+
+    target, draft = make_tiny_llava(seed=0, image_token_id=95), make_tiny_llava(seed=1, image_token_id=95)
+    tree = TreeConfig(max_nodes=10 ** 6, max_depth=3)
+    engine = SpeculativeDecoder(target, draft, tree).engine(max_new_tokens=10 ** 6, eos_token_id=[])
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
+    engine.add(ids, torch.ones_like(ids), None)
+    capacity = {layer.capacity for layer in engine._tgt.cache.layers}
+    assert capacity == {7 + RESERVE_TOKENS + tree.max_candidates + 1}

@@ -34,3 +34,28 @@ def test_lean_matches_transformers(text, kv, window):
     for a, b in zip(hf_keys, lean_keys):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(hf_pos, lean_pos)
+
+
+@pytest.mark.parametrize("text,kv", [("llama", None), ("qwen2", 2)])
+def test_target_verifies_lean_only_when_bit_identical(text, kv, monkeypatch):
+    """The decoder verifies with the lean forward when its probe finds it bit-identical to
+    transformers'; a forward that differs in the last bit (negative control) keeps transformers."""
+    import decoding.lean
+    import decoding.models
+    from decoding import SpeculativeDecoder
+    from decoding.models import lean_is_exact
+
+    target = make_tiny_llava(seed=0, text=text, num_kv_heads=kv, image_token_id=95)
+    draft = make_tiny_llava(seed=1, text=text, num_kv_heads=kv, image_token_id=95)
+    assert lean_is_exact(target)
+    assert SpeculativeDecoder(target, draft).lean_target
+
+    original = decoding.lean.lean_forward
+
+    def off_by_an_ulp(*args, **kwargs):
+        logits = original(*args, **kwargs)
+        return torch.nextafter(logits, torch.full_like(logits, float("inf")))
+
+    monkeypatch.setattr(decoding.models, "lean_forward", off_by_an_ulp)
+    assert not lean_is_exact(target)
+    assert not SpeculativeDecoder(target, draft).lean_target
