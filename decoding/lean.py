@@ -1,12 +1,15 @@
-"""A lean forward of a LLaVA text model (LLaMA / Mistral / Qwen2) over a KVState, for the draft.
+"""A lean forward of a LLaVA text model (LLaMA / Mistral / Qwen2) over a KVState.
 
 For a small draft on CPU, most of a transformers forward is per-layer Python overhead
 (decorators, output capture, mask preparation, attention dispatch), not arithmetic. This
 forward calls the model's own submodules (embeddings, rotary embedding, projections, norms,
 MLPs, lm_head) directly and uses scaled_dot_product_attention with our mask, so the draft costs
-what its arithmetic costs. It is used for the draft only: draft proposals never affect what is
-accepted, only how much, so losslessness rests on the target, which always runs through
-transformers. tests/test_lean.py checks it matches the transformers forward.
+what its arithmetic costs. The draft always uses it when supported (draft proposals never
+affect what is accepted, only how much). The target's verify uses it only when
+`models.lean_is_exact` finds it bit-identical to the transformers forward for that model (same
+ops in the same order: on the CPU in fp32 it is; a device whose kernels differ keeps the
+transformers forward), so losslessness still rests on the target's transformers logits.
+tests/decoding/test_lean.py checks both, with a negative control.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """GPU check: the demo-pair bench (bf16 and fp32, batch 1/8/32/64, with the budget table), the share
 of a decode step that is not model compute (scripts/decode_breakdown.py), and target verify
-latency on a LLaVA-1.5-7B-shaped model.
+latency on a LLaVA-1.5-7B-shaped model (transformers forward, and the lean one when it is
+bit-identical there), and the prefill share of plain generate (scripts/prefill_share.py).
 
     python scripts/gpu_check.py --out gpu_check.json             # on a machine with one NVIDIA GPU
     python scripts/gpu_check.py --shape tiny --device cpu --out /tmp/g.json   # CPU smoke run
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decoding.budget import forward_latency  # noqa: E402
+from decoding.models import lean_is_exact  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 
@@ -87,16 +89,26 @@ def main() -> int:
                              capture_output=True, text=True)
         report["step_breakdown_bf16"] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
                                          else {"error": out.stderr[-2000:]})
+        # prefill share of plain generate (the Amdahl bound) and the cost of a Q-token verify vs Q steps
+        out = subprocess.run([sys.executable, str(Path(__file__).parent / "prefill_share.py"), "--device",
+                              args.device, "--dtype", "bfloat16", "--batch-sizes", sizes],
+                             capture_output=True, text=True)
+        report["prefill_share_bf16"] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                                        else {"error": out.stderr[-2000:]})
 
     t0 = time.perf_counter()
     model = random_model(llava_7b_config(args.shape), args.device, torch.bfloat16)
     report["model_init_s"] = round(time.perf_counter() - t0, 1)
     report["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+    # would the decoder verify this target with the lean forward (bit-identical on this device)?
+    report["lean_target_exact"] = lean_is_exact(model)
     report["verify_latency_ms"] = {}
-    for batch in (1, 8):
-        lat = forward_latency(model, sizes=SIZES, prefix_len=600, batch=batch, repeats=5)
-        report["verify_latency_ms"][f"batch{batch}"] = {str(n): round(s * 1e3, 3) for n, s in lat.items()}
-        print(f"batch {batch}: " + ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in lat.items()), file=sys.stderr)
+    for lean in (False, True) if report["lean_target_exact"] else (False,):
+        for batch in (1, 8):
+            lat = forward_latency(model, sizes=SIZES, prefix_len=600, batch=batch, repeats=5, lean=lean)
+            key = f"batch{batch}" + ("_lean" if lean else "")
+            report["verify_latency_ms"][key] = {str(n): round(s * 1e3, 3) for n, s in lat.items()}
+            print(f"{key}: " + ", ".join(f"{n}:{s * 1e3:.1f}ms" for n, s in lat.items()), file=sys.stderr)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
