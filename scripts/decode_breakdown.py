@@ -29,32 +29,20 @@ SHAPES = {"none": None, "chain": TreeConfig(max_nodes=4, max_depth=4, frontier=1
           "default": TreeConfig()}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> int:
     from transformers import AutoProcessor
 
-    from decoding.loading import load_llava, parse_dtype
-    from jobs.bench import encode, make_inputs
+    from jobs.bench import encode, make_inputs, sync
     from jobs.common import DEMO_PAIR
+    from measure_common import add_measure_args, load_demo, setup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-sizes", default="1,8,32")
+    add_measure_args(ap, batch_sizes="1,8,32")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
-    target = load_llava(str(DEMO_PAIR / "target"), dtype, device)
-    draft = load_llava(str(DEMO_PAIR / "draft"), dtype, device)
+    device, dtype, sizes = setup(args)
+    target, draft = load_demo("target", device, dtype), load_demo("draft", device, dtype)
     processor = AutoProcessor.from_pretrained(str(DEMO_PAIR / "target"))
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
     text, images = make_inputs(processor, max(sizes))
 
     forward_s = [0.0]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,33 +30,23 @@ def main() -> int:
     from transformers import AutoProcessor
 
     from decoding.budget import forward_latency
-    from decoding.loading import load_llava, parse_dtype
-    from jobs.bench import encode, make_inputs
+    from jobs.bench import encode, make_inputs, sync
     from jobs.common import DEMO_PAIR
+    from measure_common import add_measure_args, load_demo, setup
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-sizes", default="1,8,32,128")
+    add_measure_args(ap, batch_sizes="1,8,32,128")
     ap.add_argument("--images", type=int, default=None, help="default: the largest batch size")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    device, dtype, sizes = setup(args)
     images_n = args.images or max(sizes)
-    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
-    target = load_llava(str(DEMO_PAIR / "target"), dtype, device)
+    target = load_demo("target", device, dtype)
     processor = AutoProcessor.from_pretrained(str(DEMO_PAIR / "target"))
     text, images = make_inputs(processor, images_n)
     eos = target.generation_config.eos_token_id
     starts: list[float] = []
     hook = target.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     report = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "images": images_n, "max_new_tokens": args.max_new_tokens, "by_batch_size": {}}
@@ -68,13 +57,13 @@ def main() -> int:
             steps = 0
             for n, (ids, mask, pixels) in enumerate([batches[0]] + batches):   # the first batch warms up
                 starts.clear()
-                sync()
+                sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     target.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
                                     max_new_tokens=args.max_new_tokens, eos_token_id=eos,
                                     pad_token_id=target.generation_config.pad_token_id)
-                sync()
+                sync(device)
                 if n:
                     total_s += time.perf_counter() - t0
                     prefill_s += (starts[1] if len(starts) > 1 else time.perf_counter()) - starts[0]

@@ -16,7 +16,8 @@ def test_prefill_share_reports_the_bound_and_verify_costs():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for bs in ("1", "2"):
         row = report["by_batch_size"][bs]
-        assert 0 < row["prefill_share"] < 1 and row["amdahl_bound"] == round(1 / row["prefill_share"], 2)
+        assert 0 < row["prefill_share"] < 1
+        assert abs(row["amdahl_bound"] - 1 / row["prefill_share"]) < 0.02   # both rounded from one share
         assert row["decode_steps"] >= 1
         assert set(row["verify_ms"]) == {"1", "2", "3", "5", "9"} and row["q_tokens_vs_q_steps"]["1"] == 1.0
 
