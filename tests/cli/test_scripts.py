@@ -21,3 +21,17 @@ def test_prefill_share_reports_the_bound_and_verify_costs():
         assert row["decode_steps"] >= 1
         assert set(row["verify_ms"]) == {"1", "2", "3", "5", "9"} and row["q_tokens_vs_q_steps"]["1"] == 1.0
 
+
+
+def test_batch_budget_estimate_agrees_with_the_full_tree():
+    """With the whole 24-node tree as the budget, both policies keep every node, so both must
+    give the tau the decoder measured with that tree; smaller budgets give no more."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "batch_budget_estimate.py"), "--batch-sizes", "3",
+                          "--budgets", "1,2,24", "--max-new-tokens", "12", "--threads", "1", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])["by_batch_size"]["3"]
+    taus = report["tau_by_nodes_per_row"]
+    assert taus["24"]["per_row"] == taus["24"]["batch_wide"] == report["full_tree_tau"]
+    for policy in ("per_row", "batch_wide"):
+        assert 1.0 <= taus["1"][policy] <= taus["2"][policy] <= taus["24"][policy]
