@@ -18,6 +18,8 @@ Dimensions: B rows, S cache slots, Q query tokens of one forward, A slots commit
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 from transformers import DynamicCache
@@ -33,14 +35,16 @@ class SlotLayer(DynamicLayer):
     them; the roll-forward after a verify (`keep_tail`) rewrites only the accepted slots. When it
     runs out of room the buffer grows by an eighth (at least MIN_GROWTH slots): a few copies over
     a long decode instead of one per forward as `DynamicLayer`'s concatenation does, and never
-    the doubling that would need twice a large batch's KV memory. `KVState.reserve` preallocates.
+    the doubling that would need twice a large batch's KV memory. `spare` preallocates: the
+    first update (the prefill) leaves that many free slots after its own.
     """
 
     MIN_GROWTH = 64   # slots added at least when a layer runs out of room
 
-    def __init__(self):
+    def __init__(self, spare: int = 0):
         self._k = self._v = None
         self.length = 0
+        self.spare = spare   # room left after the first update (the prefill) for the slots to come
         super().__init__()
 
     # transformers reads and (in a few generic paths) assigns `keys`/`values`
@@ -75,7 +79,8 @@ class SlotLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[2]
         if self._k is None:
-            self._k, self._v = _buffer_like(key_states, end), _buffer_like(value_states, end)
+            self._k = _buffer_like(key_states, end + self.spare)
+            self._v = _buffer_like(value_states, end + self.spare)
         elif end > self.capacity:                 # out of room: grow by an eighth (amortised O(1) per slot)
             self.reserve(max(end, self.capacity + max(self.MIN_GROWTH, self.capacity // 8)))
         self._k[:, :, self.length: end] = key_states
@@ -131,11 +136,12 @@ class SlotLayer(DynamicLayer):
 
 
 class SlotCache(DynamicCache):
-    """A DynamicCache of SlotLayers (what `prefill` builds; KVState needs its in-place operations)."""
+    """A DynamicCache of SlotLayers (what `prefill` builds; KVState needs its in-place operations),
+    each with `spare` free slots after the prefill."""
 
-    def __init__(self):
+    def __init__(self, spare: int = 0):
         super().__init__()
-        self.layer_class_to_replicate = SlotLayer
+        self.layer_class_to_replicate = partial(SlotLayer, spare)
 
 
 class KVState:
@@ -147,11 +153,6 @@ class KVState:
         self.lengths = (slot_pos != HOLE).sum(-1)       # [B] tokens committed = next position
         self.window = window                            # sliding-window size, or None
         self.layer_kinds = layer_kinds                  # per-layer attention kinds (Qwen2-style), or None
-
-    def reserve(self, extra: int) -> None:
-        """Preallocate room for `extra` more slots per layer (a step never copies the cache then)."""
-        for layer in self.cache.layers:
-            layer.reserve(self.slot_pos.shape[1] + extra)
 
     # -- masks -----------------------------------------------------------------------------
     def attention_mask(self, query_pos: Tensor, extra_vis: Tensor, dtype: torch.dtype) -> Tensor | dict:

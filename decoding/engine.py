@@ -192,13 +192,13 @@ class SpeculativeEngine:
             hidden = vision_hidden_states(dec.target, pixel_values)
             target_mm = project_image_features(dec.target, hidden)
             draft_mm = project_image_features(dec.draft, hidden)
-        tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm)
-        drf, _ = prefill(dec.draft, input_ids, attention_mask, pixel_values, draft_mm)
-        # Room for the tokens to come (up to RESERVE_TOKENS; longer outputs grow the buffers) and one
-        # step's temporary slots, so that steps write in place instead of copying the caches.
+        # Cache room for the tokens to come (up to RESERVE_TOKENS; longer outputs grow the buffers)
+        # and one step's temporary slots, so that steps write in place instead of copying the caches.
         ahead = min(opts.max_new_tokens, RESERVE_TOKENS)
-        tgt.reserve(ahead + min(dec.tree.max_nodes, dec.tree.max_candidates) + 1)
-        drf.reserve(ahead + PENDING_CAP + dec.tree.max_depth * dec.tree.frontier)
+        tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm,
+                              spare=ahead + min(dec.tree.max_nodes, dec.tree.max_candidates) + 1)
+        drf, _ = prefill(dec.draft, input_ids, attention_mask, pixel_values, draft_mm,
+                         spare=ahead + PENDING_CAP + dec.tree.max_depth * dec.tree.frontier)
         uniforms = None
         if opts.sampling:
             uniforms = torch.stack([

@@ -6,10 +6,10 @@ forward calls the model's own submodules (embeddings, rotary embedding, projecti
 MLPs, lm_head) directly and uses scaled_dot_product_attention with our mask, so the draft costs
 what its arithmetic costs. The draft always uses it when supported (draft proposals never
 affect what is accepted, only how much). The target's verify uses it only when
-`models.lean_is_exact` finds it bit-identical to the transformers forward for that model (same
-ops in the same order: on the CPU in fp32 it is; a device whose kernels differ keeps the
-transformers forward), so losslessness still rests on the target's transformers logits.
-tests/decoding/test_lean.py checks both, with a negative control.
+`models.lean_is_exact` finds it bit-identical to the transformers forward for that model on a
+probe block (same ops in the same order: on the CPU in fp32 it is; a device whose kernels differ
+there keeps the transformers forward). tests/decoding/test_lean.py checks both, with a negative
+control; the lossless tests run the target through it.
 """
 from __future__ import annotations
 

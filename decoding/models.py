@@ -167,16 +167,17 @@ def project_image_features(model, hidden_states: tuple[Tensor, ...]) -> dict:
 
 
 def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-            mm_encoder_outputs: dict | None = None) -> tuple[KVState, Tensor]:
+            mm_encoder_outputs: dict | None = None, spare: int = 0) -> tuple[KVState, Tensor]:
     """One forward over the prompt, exactly as `generate` does it (2D mask, positions from the
-    mask). Returns the cache state and the logits at the last position, [B, V]."""
+    mask). The cache keeps `spare` free slots per layer after the prompt (cache.SlotLayer).
+    Returns the cache state and the logits at the last position, [B, V]."""
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     kwargs = {}
     if mm_encoder_outputs is not None:
         kwargs["mm_encoder_outputs"] = mm_encoder_outputs
     elif pixel_values is not None:
         kwargs["pixel_values"] = pixel_values.to(model_dtype(model))
-    cache = SlotCache()
+    cache = SlotCache(spare)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
     window, kinds = sliding_window(model)
@@ -211,8 +212,9 @@ def lean_is_exact(model) -> bool:
     cache bit for bit on a probe: two rows (one left-padded), a tree-shaped block of 3 tokens.
 
     The decoder verifies with the lean forward only then (it skips transformers' per-layer
-    overhead); any difference, on any device or kernel choice, keeps the transformers forward,
-    so the target's own logits decide every accepted token either way."""
+    overhead); a difference on the probe (another device, dtype or kernel choice) keeps the
+    transformers forward. The probe is one shape: it shows both paths run the same ops, not
+    every shape; the lossless tests (fp32, token for token against `generate`) run with it."""
     if not supports_lean(model):
         return False
     device = model_device(model)

@@ -69,9 +69,7 @@ def main() -> int:
                     prefill_s += (starts[1] if len(starts) > 1 else time.perf_counter()) - starts[0]
                     steps += len(starts) - 1
             share = prefill_s / total_s
-            hook.remove()
             verify = forward_latency(target, sizes=[q - 1 for q in VERIFY_TOKENS], prefix_len=ids.shape[1], batch=bs)
-            hook = target.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
             one = verify[0]
             row = {"generate_s": round(total_s, 3), "prefill_share": round(share, 3),
                    "decode_steps": steps, "decode_step_ms": round((total_s - prefill_s) / max(1, steps) * 1e3, 2),

@@ -3,7 +3,7 @@ reference they replace, and a step writes into the preallocated buffer instead o
 
 import torch
 
-from decoding.cache import HOLE, KVState, SlotCache, SlotLayer
+from decoding.cache import HOLE, SlotCache, SlotLayer
 from decoding.models import prefill
 from decoding.testing import make_tiny_llava
 
@@ -63,16 +63,16 @@ def test_merge_left_pads_with_zeros_and_keeps_spare_room():
 
 
 def test_a_verify_step_writes_into_the_reserved_buffer():
-    """prefill builds a SlotCache; after reserve, a forward and the roll-forward copy nothing."""
+    """prefill builds a SlotCache with spare room; a forward and the roll-forward copy nothing."""
     from decoding.models import forward_block
 
     model = make_tiny_llava(seed=0, image_token_id=95)
     ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    state, _ = prefill(model, ids, mask, None)
+    state, _ = prefill(model, ids, mask, None, spare=8)
     assert isinstance(state.cache, SlotCache) and all(isinstance(layer, SlotLayer) for layer in state.cache.layers)
-    state.reserve(8)
+    assert {layer.capacity for layer in state.cache.layers} == {7 + 8}
     ptrs = [layer._k.data_ptr() for layer in state.cache.layers]
     tokens = torch.randint(3, 90, (2, 3))
     positions = state.lengths[:, None] + torch.tensor([0, 1, 1])
@@ -83,7 +83,6 @@ def test_a_verify_step_writes_into_the_reserved_buffer():
     assert [layer._k.data_ptr() for layer in state.cache.layers] == ptrs
     assert state.slot_pos.shape[1] == 9 and all(layer.length == 9 for layer in state.cache.layers)
     assert state.slot_pos[1, -1] == HOLE and state.lengths.tolist() == [9, 6]
-    assert isinstance(state, KVState)
 
 
 def test_rows_joining_reserve_a_bounded_room():
