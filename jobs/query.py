@@ -6,7 +6,10 @@
 
 The table (OUTPUT/data/*.parquet) is opened as a pyarrow dataset and registered in DuckDB as
 `captions`, so local and s3:// outputs work alike and DuckDB needs no extension or credentials of
-its own (pyarrow reads S3 with the usual AWS env/config). Columns: workers/schema.py.
+its own (pyarrow reads S3 with the usual AWS env/config). The connection is read-only: external
+access is disabled and its configuration locked once `captions` is registered, so SQL cannot
+write files (COPY), read other ones, ATTACH, install/load extensions or change settings.
+Columns: workers/schema.py.
 """
 from __future__ import annotations
 
@@ -68,22 +71,56 @@ def open_output(output: str, s3_endpoint: str | None = None):
     return pads.dataset(files, filesystem=fs, format="parquet")
 
 
+READ_ONLY = ("`specllava query` is read-only: it reads the table `captions` and nothing else "
+             "(no COPY, no other files, ATTACH, extensions or settings)")
+
+
+def _read_only_connection(dataset):
+    """A DuckDB connection that sees `dataset` as `captions` and nothing outside it.
+
+    The dataset is registered first (DuckDB scans the pyarrow object; pyarrow does the reading,
+    local or S3), then external access is switched off (COPY, read_csv/read_parquet/glob of any
+    path, ATTACH, INSTALL/LOAD, Python replacement scans) and the configuration locked, so no SQL
+    statement can switch it back on.
+    """
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("captions", dataset)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _is_refused(exc) -> bool:
+    """A statement the read-only connection refused (rather than a mistake in the SQL)."""
+    import duckdb
+
+    return isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
+
+
 def run_sql(output: str, sql: str, s3_endpoint: str | None = None):
-    """Run `sql` with the output registered as `captions`; returns a pyarrow Table."""
+    """Run `sql` with the output registered as `captions` on a read-only connection; returns a
+    pyarrow Table."""
     import duckdb
 
     dataset = open_output(output, s3_endpoint)
-    con = duckdb.connect()
+    con = _read_only_connection(dataset)
     try:
-        con.register("captions", dataset)
         relation = con.sql(sql)
-        if relation is None:  # a statement without a result (SET, CREATE VIEW, ...)
+        if relation is None:  # a statement without a result (CREATE VIEW, ...)
             import pyarrow as pa
             return pa.table({})
         fetch = getattr(relation, "to_arrow_table", None) or relation.fetch_arrow_table  # duckdb 2.x / 1.x
         return fetch()
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _is_refused(exc):
+            raise UserError(f"not allowed: {READ_ONLY}; DuckDB said: {first}") from None
         raise UserError(f"SQL error: {first}") from None
     finally:
         con.close()

@@ -21,8 +21,7 @@ ROWS = [  # id, caption, status, error, new_tokens, target_forwards, accepted_le
 ]
 
 
-@pytest.fixture()
-def output(tmp_path):
+def _output_table() -> pa.Table:
     schema = output_schema()
     cols = {name: [] for name in schema.names}
     for key, caption, status, error, new, fwd, acc in ROWS:
@@ -31,8 +30,13 @@ def output(tmp_path):
                    draft_tokens=None, tree_nodes_mean=None, decode_s=None)
         for name in schema.names:
             cols[name].append(row[name])
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+@pytest.fixture()
+def output(tmp_path):
     (tmp_path / "data").mkdir()
-    table = pa.Table.from_pydict(cols, schema=schema)
+    table = _output_table()
     pq.write_table(table.slice(0, 2), tmp_path / "data" / "unit-00000000.parquet")
     pq.write_table(table.slice(2), tmp_path / "data" / "unit-00000001.parquet")
     # Never part of the table: a commit in progress (hidden temporary), a file not named as a unit,
@@ -76,6 +80,56 @@ def test_query_errors_are_one_line(output, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# --- query is read-only: nothing but the table `captions` -------------------------------------
+
+@pytest.mark.parametrize("sql", [
+    "COPY captions TO '{tmp}/leak.csv'",
+    "COPY (SELECT * FROM captions) TO '{tmp}/leak.parquet' (FORMAT parquet)",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_parquet('{output}/_plan.parquet')",  # a file beside the table, not the table
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "ATTACH '{tmp}/other.duckdb' AS other",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+], ids=["copy", "copy-select", "read_csv", "read_parquet", "install", "load", "attach", "set-external",
+        "unlock"])
+def test_query_is_read_only(output, tmp_path, capsys, sql):
+    tmp = tmp_path / "written"
+    tmp.mkdir()
+    assert main(["query", output, sql.format(tmp=tmp, output=output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not allowed: `specllava query` is read-only" in err[0], err
+    assert list(tmp.iterdir()) == []  # nothing written, nothing attached
+
+
+def test_query_read_only_still_answers_selects(output, capsys):
+    # After a refused statement (a fresh connection per command) and across several statements
+    # of one command, SELECTs over `captions` work; an in-memory temp view is allowed.
+    assert main(["query", output, "COPY captions TO '/tmp/never.csv'"]) == 2
+    capsys.readouterr()
+    assert main(["query", output, "CREATE TEMP VIEW okay AS SELECT id FROM captions WHERE status = 'ok'; "
+                 "SELECT count(*) AS n, max(id) AS last FROM okay", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": 3, "last": "d"}]
+
+
+def test_query_and_stats_read_only_on_s3(s3, capsys):
+    fs = s3.filesystem()
+    bucket = s3.make_bucket("query-read-only")
+    table = _output_table()
+    for unit, part in enumerate((table.slice(0, 2), table.slice(2))):
+        with fs.open_output_stream(f"query-read-only/out/data/unit-{unit:08d}.parquet") as sink:
+            pq.write_table(part, sink)
+    out = f"{bucket}/out"
+    assert main(["query", out, "SELECT id FROM captions WHERE status = 'ok' ORDER BY id", "--format", "json",
+                 "--s3-endpoint", s3.endpoint]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"id": "a"}, {"id": "b"}, {"id": "d"}]
+    assert main(["stats", out, "--json", "--s3-endpoint", s3.endpoint]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] == 3
+    assert main(["query", out, "SELECT * FROM read_csv('/etc/passwd')", "--s3-endpoint", s3.endpoint]) == 2
+    assert "read-only" in capsys.readouterr().err
 
 
 def test_stats_numbers_and_plot(output, tmp_path, capsys):
