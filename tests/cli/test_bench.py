@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from decoding import SpeculativeDecoder, TreeConfig
 from decoding.budget import BudgetEntry, BudgetTable, calibrate_tau, choose_table, forward_latency, tau_from_steps
@@ -55,7 +56,9 @@ def test_bench_quick_json(tmp_path, capsys):
     for b in report["best"][1:]:
         assert report["speedup_best_vs_best"][b["method"]] == pytest.approx(b["tokens_per_s"] / base, abs=1e-3)
     assert "best target_greedy" in captured.err and "best dynamic_tree" in captured.err   # the table's best lines
-    assert chart.stat().st_size > 1000
+    with Image.open(chart) as image:                      # the --chart PNG reads back, at a sane size
+        image.load()
+        assert image.format == "PNG" and 600 <= image.size[0] <= 2400 and 300 <= image.size[1] <= 1600
 
 
 def test_best_per_method_hand_made_rows():
@@ -100,21 +103,46 @@ def test_best_lines_name_batch_and_speedup():
 
 
 def test_bench_chart_outlines_each_best_bar(tmp_path):
-    from PIL import Image
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from jobs.charts import _bench_axes
     runs = [row("target_greedy", 1, 100.0), row("dynamic_tree", 1, 150.0),
             row("target_greedy", 8, 400.0), row("dynamic_tree", 8, 300.0)]
     best = best_per_method(runs)
+    ax = Figure().subplots()
+    _bench_axes(ax, runs, best, speedup_best_vs_best(best))
+    bars = {p.get_gid(): p for p in ax.patches if p.get_gid()}
+    assert sorted(bars) == ["dynamic_tree@1", "dynamic_tree@8", "target_greedy@1", "target_greedy@8"]
+    black = to_rgba("black")
+    outlined = sorted(gid for gid, p in bars.items() if p.get_edgecolor() == black)
+    assert outlined == ["dynamic_tree@8", "target_greedy@8"]           # each method's best, only those
+    assert bars["target_greedy@8"].get_height() == 400.0
+    labels = [t.get_text() for t in ax.texts]
+    assert sum("best" in t for t in labels) == 2 and "400\nbest" in labels
+    assert "dynamic_tree 0.75x" in ax.get_title()                       # best vs best: 300 / 400
+    assert ax.get_xlabel().startswith("batch size") and "tokens/s" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["target_greedy", "dynamic_tree"]
+    # both PNGs are written, same size, and differ by the outlines and labels
     with_best, without = tmp_path / "best.png", tmp_path / "plain.png"
     bench_chart(runs, best, speedup_best_vs_best(best), with_best)
     bench_chart(runs, [], {}, without)
-    a, b = Image.open(with_best), Image.open(without)
-    assert a.size == b.size and a.tobytes() != b.tobytes()
-    # target_greedy's best bar (batch 8, the tallest): its top edge is black where the plain chart is grey
-    width, height = a.size
-    group_w = (width - 80) / 2
-    x = int(60 + group_w + group_w * 0.1 + group_w * 0.4 / 2)          # middle of the first bar of group 2
-    y_top = int(height - 50 - (height - 116))                          # the tallest bar reaches the plot top
-    assert a.getpixel((x, y_top)) == (0, 0, 0) and b.getpixel((x, y_top)) == (127, 127, 127)
+    with Image.open(with_best) as a, Image.open(without) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()
+
+
+def test_line_chart_and_bar_chart_read_back(tmp_path):
+    from jobs.charts import bar_chart, line_chart
+    panels = [("loss", {"train": [(10, 3.0), (20, 0.5), (30, 0.0)], "eval": [(10, 2.0), (30, 0.4)]}, True,
+               None, "loss (nats/token)"),
+              ("accuracy", {"acc": [(100, 0.7), (200, 0.9)]}, False, (0.0, 1.0)),
+              ("nothing yet", {"kl": []}, True)]
+    line_chart(panels, tmp_path / "curves.png")
+    bar_chart({}, tmp_path / "sub" / "empty.png", title="no ok rows")        # no data: still a PNG
+    for name, size in (("curves.png", (3 * 460, 360)), ("sub/empty.png", (520, 320))):
+        with Image.open(tmp_path / name) as image:
+            image.load()
+            assert image.format == "PNG" and image.size == size
 
 
 def test_batch_sizes_and_images_defaults():
