@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.common import DEMO_PAIR, UserError, add_dtype_argument, default_device
+from jobs.common import DEMO_PAIR, POSITIVE_INT, UserError, add_dtype_argument, default_device
 
 # torch and the decoder are imported inside the functions that use them: `specllava --help`
 # builds this parser too, and must not pay for a torch import.
@@ -47,16 +47,17 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=str(DEMO_PAIR / "target"), help="target model dir (default: demo pair)")
     p.add_argument("--draft", default=str(DEMO_PAIR / "draft"), help="draft model dir (default: demo pair)")
-    p.add_argument("--images", type=int, default=None, help="synthetic images, the same ones decoded at every "
-                   "batch size; at least the largest batch size (default: the largest batch size; "
+    p.add_argument("--images", type=POSITIVE_INT, default=None, help="synthetic images, the same ones decoded "
+                   "at every batch size; at least the largest batch size (default: the largest batch size; "
                    f"{QUICK_IMAGES} with --quick)")
     p.add_argument("--batch-sizes", default=None, help=f"comma-separated batch sizes (default {DEFAULT_BATCH_SIZES}; "
                    f"{QUICK_BATCH_SIZES} with --quick)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48)
+    p.add_argument("--rounds", type=POSITIVE_INT, default=3,
+                   help="interleaved rounds; the median is reported (default 3)")
     add_dtype_argument(p, default="float32")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--no-budget", action="store_true", help="use the default TreeConfig for dynamic_tree "
                    "instead of measuring a budget on this device")

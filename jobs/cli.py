@@ -5,12 +5,17 @@ Every subcommand also takes `--config FILE.yaml`: a mapping whose keys are the s
 option names (`max-new-tokens` or `max_new_tokens`), used as defaults, so flags on the command
 line win. Positional arguments stay on the command line.
 
+Option errors are one line naming the flag (`--batch-size must be >= 1, got 0`); options are never
+abbreviated (`--max-new-token 32` is refused, with "did you mean --max-new-tokens?").
+
 Exit codes: 0 success, 2 user error (one clear line on stderr), 1 anything unexpected.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 
 from jobs.common import UserError
@@ -18,6 +23,80 @@ from jobs.common import UserError
 # Modules providing subcommands: each defines add_parser(subparsers) and sets `func` on its parser.
 COMMAND_MODULES: list[str] = ["jobs.make_dataset", "jobs.distill", "jobs.caption", "jobs.submit",
                               "jobs.query", "jobs.bench", "jobs.demo"]
+
+PROG = "specllava"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (`allow_abbrev=False`, subcommands included: they are made
+    with this class) and with one-line errors that name the option: no usage block, a type
+    error reads `--batch-size must be >= 1, got 0`, an unknown option gets a "did you mean".
+    Every error starts `specllava: error:`, like the commands' own (UserError) lines."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {flag_message(message)}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = subcommands(self).get(getattr(namespace, "command", None) or "")
+            options = [*option_strings(command), *option_strings(self)]
+            self.exit(2, f"{PROG}: error: {unknown_message(extras, options)}\n")
+        return namespace
+
+    def _check_value(self, action, value):  # argparse's hook for `choices`: add a "did you mean"
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            if isinstance(action, argparse._SubParsersAction):
+                raise argparse.ArgumentError(None, f"unknown command {value!r}{hint} "
+                                                   f"(commands: {', '.join(choices)}; specllava --help)")
+            raise argparse.ArgumentError(action, f"invalid choice {value!r} (choose from {', '.join(choices)}){hint}")
+
+
+def option_strings(parser: argparse.ArgumentParser | None) -> list[str]:
+    return [] if parser is None else [o for a in parser._actions for o in a.option_strings
+                                      if a.help != argparse.SUPPRESS or o in ("-h", "--help")]
+
+
+def unknown_message(extras: list[str], options: list[str]) -> str:
+    """`unknown option --max-new-token; did you mean --max-new-tokens?` for argparse's leftovers."""
+    flags = [t.split("=", 1)[0] for t in extras if t.startswith("-") and t != "-"]
+    if not flags:  # a stray positional value
+        return f"unexpected argument{'s' if len(extras) > 1 else ''} {' '.join(map(repr, extras))}"
+    near = []
+    for flag in flags:
+        pool = [o for o in options if o.startswith("--")] if flag.startswith("--") else options
+        close = difflib.get_close_matches(flag, pool, n=1, cutoff=0.6)
+        near.append(close[0] if close else None)
+    if len(flags) == 1:
+        return f"unknown option {flags[0]}" + (f"; did you mean {near[0]}?" if near[0] else "")
+    return "unknown options " + ", ".join(f"{f} (did you mean {n}?)" if n else f for f, n in zip(flags, near))
+
+
+_ARGUMENT = re.compile(r"argument (\S+): (.*)", re.S)
+_BAD_TYPE = re.compile(r"invalid (int|float) value: (.*)", re.S)
+
+
+def flag_message(message: str) -> str:
+    """argparse's `argument --batch-size: must be >= 1, got 0` as `--batch-size must be >= 1, got 0`
+    (one line; the long spelling of the option)."""
+    message = " ".join(message.split())
+    match = _ARGUMENT.fullmatch(message)
+    if not match:
+        return message
+    names, rest = match.groups()
+    flag = next((n for n in names.split("/") if n.startswith("--")), names.split("/")[0])
+    bad = _BAD_TYPE.fullmatch(rest)
+    if bad:
+        rest = f"must be {'an integer' if bad.group(1) == 'int' else 'a number'}, got {bad.group(2)}"
+    return f"{flag} {rest}" if rest.startswith("must ") else f"{flag}: {rest}"
+
 
 
 EPILOG = """\
@@ -34,8 +113,8 @@ exit codes: 0 ok, 2 user error (one line on stderr; --debug for a traceback), 1 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="specllava", formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = Parser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Spec-LLaVA: lossless dynamic-tree speculative decoding for LLaVA, and a resumable "
                     "Ray Data pipeline that captions Parquet shards of images.",
         epilog=EPILOG)
@@ -85,6 +164,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     text = str(value).lower() if isinstance(value, bool) else str(value)
     try:
         converted = action.type(text) if action.type else text
+    except argparse.ArgumentTypeError as exc:  # jobs.common.number: the rule, e.g. "must be >= 1, got 0"
+        raise UserError(f"{path}: {key} {exc}") from None
     except (TypeError, ValueError):
         raise UserError(f"{path}: {key}: invalid value {value!r}") from None
     if action.choices is not None and converted not in action.choices:
@@ -138,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"specllava: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # an option error (one line already on stderr): exit 2; --help still exits 0
+        if exc.code in (0, None):
+            raise
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

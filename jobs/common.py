@@ -6,6 +6,8 @@ other (so `caption` and `submit` do not import one another).
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
 from pathlib import Path
 
@@ -16,6 +18,47 @@ DEMO_PAIR = PROJECT_ROOT / DEMO_PAIR_DIR       # target/ and draft/ of the shipp
 
 class UserError(Exception):
     """An error the user can fix (bad argument, missing path): printed as one line, exit code 2."""
+
+
+# --- numeric options ------------------------------------------------------------------------
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def number(kind=int, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False):
+    """An argparse `type=` for a number in a range. Its error states the rule only; argparse adds
+    the option and jobs.cli prints one line, e.g. `--batch-size must be >= 1, got 0`."""
+    if low is not None and high is not None:
+        rule = f"in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f"{'>' if low_open else '>='} {_fmt(low)}"
+    elif high is not None:
+        rule = f"{'<' if high_open else '<='} {_fmt(high)}"
+    else:
+        rule = ""
+    noun = "an integer" if kind is int else "a number"
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {noun}{' ' + rule if rule else ''}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) \
+                or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"must be {rule or 'finite'}, got {text}")
+        return value
+
+    convert.__name__ = f"{kind.__name__} {rule}".strip()  # what argparse would show for a bare failure
+    return convert
+
+
+POSITIVE_INT = number(int, 1)             # counts and sizes: >= 1
+COUNT = number(int, 0)                    # >= 0
+NONNEGATIVE = number(float, 0.0)          # CPUs, GPUs, seconds, temperature: >= 0
+POSITIVE = number(float, 0.0, low_open=True)
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -97,40 +140,41 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--prompt", help="prompt for rows without a 'prompt' column value")
     p.add_argument("--actors", default="auto", help="caption actors: auto (one per GPU the cluster has, "
                    "at least 1), N, or MIN,MAX (an autoscaling pool); default auto")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when Ray sees GPUs, else 0")
+    p.add_argument("--gpus-per-actor", type=NONNEGATIVE, default=None, help="default 1 when Ray sees GPUs, else 0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when the cluster has GPUs; cpu: decode on CPU even next to GPUs (default auto)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="default 1")
-    p.add_argument("--stage-cpus", type=float, default=0.5, help="CPUs per read/preprocess/write task or actor "
+    p.add_argument("--cpus-per-actor", type=NONNEGATIVE, default=1.0, help="default 1")
+    p.add_argument("--stage-cpus", type=POSITIVE, default=0.5, help="CPUs per read/preprocess/write task or actor "
                    "(default 0.5)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows decoding together per actor; new rows join as "
-                   "others finish (default 8)")
-    p.add_argument("--max-concurrent-batches", type=int, default=8, help="input batches in flight per caption "
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="rows decoding together per actor; new "
+                   "rows join as others finish (default 8)")
+    p.add_argument("--max-concurrent-batches", type=POSITIVE_INT, default=8, help="input batches in flight per caption "
                    "actor, so finished rows are replaced at once; 1 = no continuous batching (default 8)")
     from pipeline.config import DEFAULT_COMMIT_ROWS
 
-    p.add_argument("--commit-rows", type=int, default=DEFAULT_COMMIT_ROWS,
+    p.add_argument("--commit-rows", type=POSITIVE_INT, default=DEFAULT_COMMIT_ROWS,
                    help=f"rows per committed output file, independent of --batch-size: a kill loses at most "
                    f"the units in flight (default {DEFAULT_COMMIT_ROWS:,})")
     p.add_argument("--dry-run", action="store_true", help="read, decode and check every image, commit and "
                    "write ok/error rows with empty captions; no model (size a dataset, find bad images)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, exactly the target's output "
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="default 64")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy, exactly the target's output "
                    "(default 0)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: the target's generation "
+    p.add_argument("--top-p", type=number(float, 0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=COUNT, default=None, help="sampling top-k (default: the target's generation "
                    "config, as generate applies it; transformers' 50 when unset); 0 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed: a row's caption then depends only on "
                    "(seed, row id), in any batch, actor or resume")
     add_dtype_argument(p, default="auto", auto=True, help="auto: float16 on GPU, float32 on CPU")
-    p.add_argument("--tree-top-k", type=int, help="children per expanded draft node (default 4)")
-    p.add_argument("--tree-frontier", type=int, help="nodes expanded per draft level (default 4)")
-    p.add_argument("--tree-depth", type=int, help="draft levels per step (default 6)")
-    p.add_argument("--tree-nodes", type=int, help="tree size verified per step (default 24)")
+    p.add_argument("--tree-top-k", type=POSITIVE_INT, help="children per expanded draft node (default 4)")
+    p.add_argument("--tree-frontier", type=POSITIVE_INT, help="nodes expanded per draft level (default 4)")
+    p.add_argument("--tree-depth", type=POSITIVE_INT, help="draft levels per step (default 6)")
+    p.add_argument("--tree-nodes", type=POSITIVE_INT, help="tree size verified per step (default 24)")
     p.add_argument("--tree-budget", default="auto", choices=["auto", "off"], help="auto: each caption actor "
                    "measures on its device which tree (or no drafting) is fastest at each active batch size up to "
                    "--batch-size, before its first batch; off: the --tree-* shape at every step (default auto)")
-    p.add_argument("--tree-threshold", type=float, help="drop children below this draft probability "
+    p.add_argument("--tree-threshold", type=number(float, 0.0, 1.0, high_open=True),
+                   help="drop children below this draft probability "
                    "(default 0.05)")
     add_progress_argument(p)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs (Ray Data, workers) on the "
@@ -141,7 +185,7 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
 
 
 def add_progress_argument(p) -> None:
-    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines when "
+    p.add_argument("--progress-every", type=NONNEGATIVE, default=10.0, help="seconds between progress lines when "
                    "output is not a terminal (Ray jobs, logs; a terminal gets a live bar); 0 = none (default 10)")
 
 
@@ -165,7 +209,7 @@ def add_job_arguments(p, *, address: bool = True) -> None:
                    "working_dir (default: this project); 'none' when the cluster has specllava installed")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
     p.add_argument("--submission-id", help="job id to use (default: Ray generates one)")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
+    p.add_argument("--entrypoint-num-cpus", type=NONNEGATIVE, default=0.0,
                    help="CPUs reserved for the job's driver (default 0)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
 

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import DEMO_PAIR, DEMO_PAIR_DIR, UserError
+from jobs.common import COUNT, DEMO_PAIR, DEMO_PAIR_DIR, POSITIVE_INT, UserError
 
 
 def add_parser(sub) -> None:
@@ -21,13 +21,13 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="specllava-demo", help="folder for the dataset and captions "
                    "(default ./specllava-demo)")
-    p.add_argument("--num-images", type=int, default=96, help="images to caption (default 96)")
-    p.add_argument("--shard-size", type=int, default=24, help="rows per input shard (default 24)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per decoder batch (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--num-images", type=POSITIVE_INT, default=96, help="images to caption (default 96)")
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=24, help="rows per input shard (default 24)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="rows per decoder batch (default 8)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=32)
     p.add_argument("--target", default=str(DEMO_PAIR / "target"))
     p.add_argument("--draft", default=str(DEMO_PAIR / "draft"))
-    p.add_argument("--show", type=int, default=5, help="captions to print (default 5)")
+    p.add_argument("--show", type=COUNT, default=5, help="captions to print (default 5)")
     p.set_defaults(func=run)
 
 

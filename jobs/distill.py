@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import json
 
-from jobs.common import UserError, add_dtype_argument, default_device
+from jobs.common import COUNT, POSITIVE, POSITIVE_INT, UserError, add_dtype_argument, default_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,25 +23,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="Parquet shards with an `image` bytes column (dir or s3://)")
     p.add_argument("--output", required=True, help="where the draft (and its processor) is saved")
     p.add_argument("--work-dir", default=None, help="teacher cache + checkpoints (default: OUTPUT-work)")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 3 * hidden)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many rows of --images")
-    p.add_argument("--heldout-images", type=int, default=200)
+    p.add_argument("--layers", type=POSITIVE_INT, default=1)
+    p.add_argument("--hidden", type=POSITIVE_INT, default=128)
+    p.add_argument("--heads", type=POSITIVE_INT, default=2)
+    p.add_argument("--intermediate", type=POSITIVE_INT, default=None, help="MLP width (default 3 * hidden)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=1500)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--lr", type=POSITIVE, default=2e-3)
+    p.add_argument("--warmup", type=COUNT, default=50)
+    p.add_argument("--max-images", type=POSITIVE_INT, default=None, help="use at most this many rows of --images")
+    p.add_argument("--heldout-images", type=COUNT, default=200)
     p.add_argument("--prompt", default=None, help="user prompt (default: the demo's 'describe the image .')")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--topk", type=int, default=64, help="target log-probs kept per position")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=32)
+    p.add_argument("--topk", type=POSITIVE_INT, default=64, help="target log-probs kept per position")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     add_dtype_argument(p, "--teacher-dtype", default="float32")
     add_dtype_argument(p, "--save-dtype", default="float16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=100)
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -12,17 +12,17 @@ import argparse
 import sys
 import time
 
-from jobs.common import UserError
+from jobs.common import POSITIVE_INT, UserError, number
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("make-dataset", help="write synthetic shapes-and-captions Parquet shards",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--num-images", type=POSITIVE_INT, required=True)
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=1000)
     p.add_argument("--output", required=True, help="local directory or s3://bucket/prefix")
     p.add_argument("--seed", type=int, default=0, help="different seeds give disjoint ids and images")
-    p.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
+    p.add_argument("--image-size", type=number(int, 32, 1024), default=64, help="side of the square images in pixels")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint, e.g. http://127.0.0.1:5000")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

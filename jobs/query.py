@@ -18,7 +18,7 @@ import io
 import json
 import sys
 
-from jobs.common import UserError
+from jobs.common import COUNT, UserError
 
 FORMATS = ("table", "csv", "json", "jsonl")
 
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     q.add_argument("sql", help='SQL over the table `captions`, e.g. "SELECT count(*) FROM captions"')
     q.add_argument("--s3-endpoint", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     q.add_argument("--format", default="table", choices=FORMATS, help="output format (default table)")
-    q.add_argument("--max-width", type=int, default=60, help="truncate table cells to this many characters "
+    q.add_argument("--max-width", type=COUNT, default=60, help="truncate table cells to this many characters "
                    "(0 = no limit; default 60)")
     q.set_defaults(func=query_command)
 

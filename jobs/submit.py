@@ -96,7 +96,7 @@ def _absolute(value: str | None) -> str | None:
 
 def caption_argv(args: argparse.Namespace) -> list[str]:
     """The `caption` flags equivalent to `args` (defaults omitted), for the job's entrypoint."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never parses: lists the options
     add_caption_arguments(parser, address=False)
     argv = []
     for action in parser._actions:

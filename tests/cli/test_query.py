@@ -194,7 +194,8 @@ def test_config_can_give_required_options(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("num-imagez: 3\n", "unknown key 'num-imagez'"),
-    ("num-images: lots\n", "num-images: invalid value 'lots'"),
+    ("num-images: lots\n", "num-images must be an integer >= 1, got 'lots'"),
+    ("num-images: 0\n", "num-images must be >= 1, got 0"),
     ("[1, 2\n", "is not valid YAML"),
     ("- 1\n- 2\n", "must be a mapping"),
     ("show: [1, 2]\n", "takes a single value"),
