@@ -1,18 +1,15 @@
-"""A KV cache with per-row lengths, holes and explicit positions, written in place.
+"""A prefill's KV cache: per-row slot positions with holes (left padding), written in place.
 
-Rows of a batch accept different numbers of tokens per step, so a single cache offset cannot
-describe them (stale KV, wrong RoPE positions). Instead every cache slot carries the position
-of the token it holds, or HOLE (-1) when the slot is a hole (left padding, a rejected tree node, a
-padded pending token). Attention masks are built from those positions, so holes are never seen
-and rows never disturb one another.
+The engine's cache is kvpool.KVPool; this one holds what a prefill computes before the engine
+stores it in the pool (rows are left-padded there, as `generate` pads them), and serves the
+standalone probes that run a block forward over a prompt (models.lean_is_exact,
+budget.forward_latency).
 
-Slots [0, committed) hold accepted tokens. Slots after `committed` are temporary (draft tree
-nodes of the current step) until `crop` drops them or `commit_tail` gathers the accepted ones.
-
-Storage: `SlotCache`, a transformers `DynamicCache` whose layers (`SlotLayer`) keep keys and
-values in preallocated buffers. A forward writes its Q new slots in place after the used ones;
-`crop` only moves the end; `commit_tail` rewrites only the accepted slots. `DynamicLayer` would
-copy the whole cache at every forward (`torch.cat`) and again at every roll-forward.
+Every cache slot carries the position of the token it holds, or HOLE (-1) for a slot that holds
+none (left padding, a padding query). Attention masks are built from those positions, so holes
+are never seen. Slots [0, committed) hold the prompt; slots after it are temporary until `crop`
+drops them. Storage: `SlotCache`, a transformers `DynamicCache` whose layers (`SlotLayer`) write
+in place into preallocated buffers instead of concatenating at every forward.
 
 Dimensions: B rows, S cache slots, Q query tokens of one forward, A slots committed per row.
 """
@@ -32,11 +29,8 @@ class SlotLayer(DynamicLayer):
     """One layer's keys and values in preallocated [B, H, capacity, d] buffers, written in place.
 
     `keys`/`values` are views of the first `length` slots. Appending writes the new slots after
-    them; the roll-forward after a verify (`keep_tail`) rewrites only the accepted slots. When it
-    runs out of room the buffer grows by an eighth (at least MIN_GROWTH slots): a few copies over
-    a long decode instead of one per forward as `DynamicLayer`'s concatenation does, and never
-    the doubling that would need twice a large batch's KV memory. `spare` preallocates: the
-    first update (the prefill) leaves that many free slots after its own.
+    them. When it runs out of room the buffer grows by an eighth (at least MIN_GROWTH slots).
+    `spare` preallocates: the first update (the prefill) leaves that many free slots after its own.
     """
 
     MIN_GROWTH = 64   # slots added at least when a layer runs out of room
@@ -102,39 +96,6 @@ class SlotLayer(DynamicLayer):
         """Drop every slot from `length` on (no copy)."""
         self.length = min(self.length, length)
 
-    def keep_tail(self, start: int, index: Tensor) -> None:
-        """Per row, keep the slots start + index ([B, A], relative to start) at start..start+A
-        and drop everything after. Only the A kept slots per row are copied."""
-        B, A = index.shape
-        for buf in (self._k, self._v):
-            idx = index.view(B, 1, A, 1).expand(B, buf.shape[1], A, buf.shape[3])
-            buf[:, :, start: start + A] = buf[:, :, start: self.length].gather(2, idx)
-        self.length = start + A
-
-    def select_rows(self, rows: Tensor) -> None:
-        self._k, self._v = self._k.index_select(0, rows), self._v.index_select(0, rows)
-
-    def select_slots(self, slots: Tensor) -> None:
-        """Keep only the given slots ([S'] long, increasing) of every row."""
-        self._k, self._v = self.keys.index_select(2, slots), self.values.index_select(2, slots)
-        self.length = slots.shape[0]
-
-    def merge(self, other: "SlotLayer", slots: int) -> None:
-        """Append `other`'s rows after this layer's, both left-padded to `slots` slots with zeros
-        (the padding is masked as holes; zeros keep it finite). Spare capacity is kept."""
-        spare = max(self.capacity - self.length, other.capacity - other.length)
-        merged = []
-        for mine, theirs in ((self._k, other._k), (self._v, other._v)):
-            B1, B2 = mine.shape[0], theirs.shape[0]
-            buf = mine.new_empty((B1 + B2, mine.shape[1], slots + spare, mine.shape[3]))
-            for rows, src, length in ((slice(0, B1), mine, self.length), (slice(B1, B1 + B2), theirs, other.length)):
-                buf[rows, :, : slots - length] = 0
-                buf[rows, :, slots - length: slots] = src[:, :, :length]
-            merged.append(buf)
-        self._k, self._v = merged
-        self.length = slots
-
-
 class SlotCache(DynamicCache):
     """A DynamicCache of SlotLayers (what `prefill` builds; KVState needs its in-place operations),
     each with `spare` free slots after the prefill."""
@@ -192,62 +153,6 @@ class KVState:
         for layer in self.cache.layers:
             layer.truncate(keep)
         self.slot_pos = self.slot_pos[:, :keep]
-
-    def commit_tail(self, index: Tensor, keep: Tensor) -> None:
-        """Keep, per row, the temporary slots `index` (relative to `committed`) and drop the rest.
-
-        index: [B, A] long, keep: [B, A] bool (False = hole). The kept slots become committed.
-        """
-        start = self.committed
-        for layer in self.cache.layers:
-            layer.keep_tail(start, index)
-        tail_pos = self.slot_pos[:, start:].gather(1, index).masked_fill(~keep, HOLE)
-        self.slot_pos = torch.cat([self.slot_pos[:, :start], tail_pos], dim=1)
-        self.commit_all()
-
-    def select_rows(self, rows: Tensor) -> None:
-        """Keep only the given rows (finished rows leave the batch).  rows: [B'] long."""
-        for layer in self.cache.layers:
-            layer.select_rows(rows)
-        self.slot_pos = self.slot_pos.index_select(0, rows)
-        self.lengths = self.lengths.index_select(0, rows)
-        self._drop_dead_slots()
-
-    def merge(self, other: "KVState") -> None:
-        """Append the rows of `other` (rows joining a running batch) after this state's rows.
-
-        Both states must be fully committed (between steps). The shorter one is left-padded with
-        holes, so every row keeps its slots, positions and mask; nothing is recomputed."""
-        if self.committed != self.slot_pos.shape[1] or other.committed != other.slot_pos.shape[1]:
-            raise ValueError("merge needs fully committed states (no temporary tree slots)")
-        S = max(self.slot_pos.shape[1], other.slot_pos.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.merge(theirs, S)
-        self.slot_pos = torch.cat([_left_pad(self.slot_pos, S, 1, HOLE), _left_pad(other.slot_pos, S, 1, HOLE)])
-        self.commit_all()
-
-    def _drop_dead_slots(self) -> None:
-        """Remove leading slots that are holes in every remaining row (cheap compaction)."""
-        live = (self.slot_pos[:, : self.committed] != HOLE).any(0)
-        if bool(live.all()):
-            return
-        keep = torch.nonzero(live).squeeze(-1)
-        keep = torch.cat([keep, torch.arange(self.committed, self.slot_pos.shape[1], device=keep.device)])
-        for layer in self.cache.layers:
-            layer.select_slots(keep)
-        self.slot_pos = self.slot_pos.index_select(1, keep)
-        self.committed = int(live.sum())
-
-
-def _left_pad(t: Tensor, size: int, dim: int, value) -> Tensor:
-    """`t` padded on the left of `dim` to `size` entries with `value`."""
-    missing = size - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
-
 
 def _buffer_like(t: Tensor, capacity: int) -> Tensor:
     """An uninitialised [B, H, capacity, d] buffer with t's dtype and device."""

@@ -33,7 +33,8 @@ class SpeculativeDecoder:
         # Verify with the lean forward when it is bit-identical to transformers' for this target
         # (models.lean_is_exact): same logits, without transformers' per-layer overhead.
         self.lean_target = lean_is_exact(target)
-        self.drafter = TreeDrafter(draft, self.tree, min(vocab_size(target), vocab_size(draft)))
+        self.drafter = TreeDrafter(draft, self.tree, min(vocab_size(target), vocab_size(draft)),
+                                   target_vocab=vocab_size(target))
         # Optional observer called after every verify step with (tree, acceptance); used by
         # the tree-budget calibration (budget.py). None in normal use.
         self.step_observer = None
@@ -46,15 +47,20 @@ class SpeculativeDecoder:
         self.drafter.config = tree
 
     def engine(self, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int | None = None, eos_token_id: int | Iterable[int] | None = None) -> SpeculativeEngine:
+               top_k: int | None = None, eos_token_id: int | Iterable[int] | None = None,
+               max_rows: int | None = None, max_length: int | None = None,
+               trees: list[TreeConfig] | None = None) -> SpeculativeEngine:
         """A running batch over this pair (engine.py). top_k None: what `generate` would apply
         for the target (its generation config, else transformers' default); 0 = off. eos_token_id:
-        an id, a list of ids ([] = never stop early) or None for the target's generation_config."""
+        an id, a list of ids ([] = never stop early) or None for the target's generation_config.
+        max_rows / max_length: the KV plan (capacity.plan_capacity): rows decoding at once and
+        token slots per row, allocated once; None = sized by the rows that come, growing. trees:
+        every shape a step may run when more than `tree` and the budget table (the plan's room)."""
         options = SamplingOptions(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=default_top_k(self.target) if top_k is None else top_k,
             eos=eos_set(self.target if eos_token_id is None else None, eos_token_id))
-        engine = SpeculativeEngine(self, options)
+        engine = SpeculativeEngine(self, options, max_rows=max_rows, max_length=max_length, trees=trees)
         engine.step_observer = self.step_observer
         return engine
 
@@ -66,8 +72,8 @@ class SpeculativeDecoder:
         """Decode every row. input_ids/attention_mask: [B, T] left-padded with image tokens expanded;
         pixel_values: [num_images, C, H, W] or None. Sampling (temperature > 0) draws row b from
         seeds[b] (see engine.row_seed) or, without seeds, from seeds drawn from `generator`."""
-        engine = self.engine(max_new_tokens, temperature, top_p, top_k, eos_token_id)
         B = input_ids.shape[0] if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else 0
+        engine = self.engine(max_new_tokens, temperature, top_p, top_k, eos_token_id, max_rows=max(B, 1))
         if engine.options.sampling and seeds is None:
             seeds = seeds_from(generator, B)
         done = {row.key: row for row in engine.add(input_ids, attention_mask, pixel_values, seeds=seeds)}

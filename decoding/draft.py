@@ -1,145 +1,125 @@
 """The draft side of a step: feed the newly accepted tokens, then grow a dynamic tree.
 
-Tree growth (EAGLE-2 with Spec-LLaVA's confidence stop), all rows in the same draft forwards:
-depth-1 candidates are the top-k children of the root; then, depth after depth, the best
-`frontier` candidates of the last depth whose path probability is at least `threshold` are fed
-to the draft (each sees the committed prefix and its own ancestors) and their top-k children
-become the next candidates. Finally the best `max_nodes` candidates are kept (ancestors always
-kept). Temporary tree KV is dropped afterwards: the draft cache only ever holds accepted tokens.
+Tree growth (EAGLE-2), all rows in the same draft forwards: depth-1 candidates are the top-k
+children of the root; then, depth after depth, the best `frontier` candidates of the last depth
+(the greedy-chain node always among them) are fed to the draft, each seeing the row's committed
+tokens and its own ancestors, and their top-k children become the next candidates. Finally the
+best `max_nodes` candidates are kept, ancestors always kept (tree.prune_tree).
 
-Dimensions: B rows, P pending tokens, F frontier width, C candidates, V vocabulary.
+Every step runs the same ops for a given shape: a fixed number of depths, fixed widths, masks
+instead of branches, and not one host read (the caller knows every length it needs). The
+tree's temporary KV goes to a block after the longest row (kvpool.py) and is simply not
+committed: the draft cache only ever holds accepted tokens.
+
+Dimensions: B rows, P pending tokens, F frontier width, K top-k, C candidates, T temp slots,
+V vocabulary.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .cache import KVState
+from . import models
+from .kvpool import KVPool, _arange
 from .lean import supports_lean
-from .models import forward_block
-from .tree import NEG_INF, NO_NODE, ROOT, Candidates, DraftTree, TreeConfig, expand_children, prune_tree, select_frontier
-
-
-@dataclass
-class CandidatePool:
-    """Every candidate drafted in one step, [B, capacity] preallocated and filled depth by depth
-    (no re-concatenation per depth). Columns [0, size) are filled; parents come before children."""
-
-    tokens: Tensor
-    parents: Tensor
-    depths: Tensor
-    scores: Tensor
-    valid: Tensor
-    chain: Tensor
-    size: int = 0
-
-    @classmethod
-    def allocate(cls, batch: int, capacity: int, device) -> "CandidatePool":
-        long = dict(dtype=torch.long, device=device)
-        return cls(tokens=torch.zeros(batch, capacity, **long), parents=torch.full((batch, capacity), ROOT, **long),
-                   depths=torch.zeros(batch, capacity, **long),
-                   scores=torch.full((batch, capacity), NEG_INF, device=device),
-                   valid=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
-                   chain=torch.zeros(batch, capacity, dtype=torch.bool, device=device))
-
-    def append(self, c: Candidates, depth: int) -> int:
-        """Write one depth's candidates after the filled columns; returns where they start."""
-        start, end = self.size, self.size + c.tokens.shape[1]
-        self.tokens[:, start:end] = c.tokens
-        self.parents[:, start:end] = c.parents
-        self.depths[:, start:end] = depth
-        self.scores[:, start:end] = c.scores
-        self.valid[:, start:end] = c.valid
-        self.chain[:, start:end] = c.chain
-        self.size = end
-        return start
-
-    def prune(self, max_nodes: int, max_depth: int) -> DraftTree:
-        n = self.size
-        return prune_tree(self.tokens[:, :n], self.parents[:, :n], self.depths[:, :n], self.scores[:, :n],
-                          self.valid[:, :n], self.chain[:, :n], max_nodes, max_depth)
+from .tree import NEG_INF, DraftTree, TreeConfig, TreeLayout, prune_tree
 
 
 class TreeDrafter:
-    """Proposes one DraftTree per row from a draft LLaVA and its KVState."""
+    """Proposes one DraftTree per row from a draft LLaVA and its KVPool."""
 
-    def __init__(self, model, config: TreeConfig, vocab_limit: int, lean: bool = True):
+    def __init__(self, model, config: TreeConfig, vocab_limit: int, lean: bool = True, target_vocab: int | None = None):
         self.model = model
         self.config = config
         self.vocab_limit = vocab_limit   # tokens the target can also emit (drafts never propose others)
+        # ids the target may emit that the draft has no embedding for (vocabularies padded apart)
+        self.embeddings = model.get_input_embeddings().weight.shape[0]
+        self.clamp_ids = target_vocab is not None and target_vocab > self.embeddings
         self.lean = lean and supports_lean(model)   # lean.py forward: same logits, less overhead
+        self.dtype = next(model.parameters()).dtype
+        self._layouts: dict = {}
+        self._causal: dict = {}
+
+    def layout(self, cfg: TreeConfig, depth: int, device) -> TreeLayout:
+        key = (cfg.top_k, cfg.frontier, depth, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = TreeLayout.build(cfg.top_k, cfg.frontier, depth, self.vocab_limit, self.dtype, device)
+        return self._layouts[key]
 
     def _logprobs(self, logits: Tensor, temperature: float) -> Tensor:
-        logits = logits[..., : self.vocab_limit].float()
+        logits = logits[..., : self.vocab_limit]
         if temperature > 0:
             logits = logits / temperature
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
 
-    def feed_pending(self, state: KVState, pending: Tensor, pending_len: Tensor) -> Tensor:
-        """Commit the accepted tokens the draft has not seen; return logits after the last one.
+    def feed_pending(self, pool: KVPool, rows: int, pending: Tensor, pending_len: Tensor,
+                     pending_host: list[int]) -> Tensor:
+        """Commit the accepted tokens the draft has not seen; return the logits after each row's last.
 
-        pending: [B, P] (right-padded), pending_len: [B] >= 1. Returns [B, V].
-        """
+        pending: [B, P] (right-padded), pending_len: [B] (0 for a free slot), pending_host: the same
+        lengths on the host. Returns [B, V]."""
         B, P = pending.shape
-        ar = torch.arange(P, device=pending.device)
-        valid = ar.unsqueeze(0) < pending_len.unsqueeze(1)                      # [B, P]
-        causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=pending.device))
-        vis = (causal.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(P, dtype=torch.bool, device=pending.device)
-        positions = state.lengths.unsqueeze(1) + ar.unsqueeze(0)
-        logits = forward_block(self.model, state, pending, positions, vis, valid, lean=self.lean)
-        state.commit_all()
-        return logits[torch.arange(B, device=pending.device), pending_len - 1]
+        device = pending.device
+        head = pool.head(rows)
+        causal = self._causal.get((P, str(device)))
+        if causal is None:
+            causal = self._causal[(P, str(device))] = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))
+        positions = pool.lengths[:rows, None] + _arange(P, device)
+        if self.clamp_ids:
+            pending = torch.where(pending < self.embeddings, pending, 0)
+        mask = pool.block_mask(rows, head, causal.expand(B, P, P), self.dtype, positions, positions)
+        last = (pending_len - 1).clamp_(min=0)
+        logits = models.model_forward(self.model, pool.begin(rows, head), pending, positions, mask, self.lean,
+                                      keep=last)
+        pool.commit(rows, head, _arange(P, device).expand(B, P), pending_len)
+        pool.advance_host(rows, pending_host)
+        return logits[:, 0]
 
-    def propose(self, state: KVState, pending: Tensor, pending_len: Tensor, max_depth: int,
-                temperature: float, config: TreeConfig | None = None) -> tuple[DraftTree, int]:
-        """Grow one tree per row (shape `config`, default self.config). Returns the tree and the
-        number of draft forwards made."""
+    def propose(self, pool: KVPool, rows: int, pending: Tensor, pending_len: Tensor, pending_host: list[int],
+                max_depth: int, temperature: float, config: TreeConfig | None = None) -> tuple[DraftTree, int]:
+        """Grow one tree per row (shape `config`, default self.config) to depth `max_depth`.
+        Returns the tree and the number of draft forwards made (max_depth: one to feed the
+        pending tokens, one per depth after the first)."""
         cfg = config or self.config
         device = pending.device
         B = pending.shape[0]
-        root_lp = self._logprobs(self.feed_pending(state, pending, pending_len), temperature)
-        forwards = 1
-        zeros = torch.zeros(B, 1, device=device)
-        ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-        k = min(cfg.top_k, root_lp.shape[-1])
-        pool = CandidatePool.allocate(B, k + (max_depth - 1) * cfg.frontier * k, device)
-        level_start = pool.append(expand_children(torch.full((B, 1), ROOT, dtype=torch.long, device=device),
-                                                  zeros, ones, ones, root_lp.unsqueeze(1), cfg.top_k), depth=1)
-        temp_cand = torch.empty(B, 0, dtype=torch.long, device=device)    # pool index per temp slot (NO_NODE: none)
-        log_thr = math.log(cfg.threshold) if cfg.threshold > 0 else -math.inf
-        for depth in range(2, max_depth + 1):
-            level = slice(level_start, pool.size)
-            local, front_valid = select_frontier(pool.scores[:, level], pool.valid[:, level], pool.chain[:, level],
-                                                 cfg.frontier)
-            front = local + level_start                                          # [B, F]
-            front_score = pool.scores.gather(1, front)
-            front_valid &= front_score >= log_thr
-            if not bool(front_valid.any()):
-                break
-            F = front.shape[1]
-            # Ancestors of each frontier node (excluding itself) are frontier nodes of earlier depths.
-            ancestors, cur = [], front
-            for _ in range(depth - 2):
-                cur = pool.parents.gather(1, cur.clamp(min=0))
-                ancestors.append(cur)
-            if ancestors:
-                anc = torch.stack(ancestors, -1)                                  # [B, F, depth-2]
-                sees_temp = (temp_cand.unsqueeze(1).unsqueeze(-1) == anc.unsqueeze(2)).any(-1)
-                sees_temp &= (temp_cand != NO_NODE).unsqueeze(1)                  # [B, F, T]
-            else:
-                sees_temp = torch.zeros(B, F, temp_cand.shape[1], dtype=torch.bool, device=device)
-            eye = torch.eye(F, dtype=torch.bool, device=device).expand(B, F, F)
-            vis = torch.cat([sees_temp, eye], dim=-1)
-            tokens = pool.tokens.gather(1, front)
-            # The root sits at lengths - 1 (it was the last pending token); a node at depth j at root + j.
-            positions = (state.lengths.unsqueeze(1) + (depth - 2)).expand(B, F)
-            logits = forward_block(self.model, state, tokens, positions, vis, front_valid, lean=self.lean)
-            forwards += 1
-            temp_cand = torch.cat([temp_cand, front.masked_fill(~front_valid, NO_NODE)], 1)
-            level_start = pool.append(expand_children(front, front_score, front_valid, pool.chain.gather(1, front),
-                                                      self._logprobs(logits, temperature), cfg.top_k), depth=depth)
-        state.crop()
-        return pool.prune(cfg.max_nodes, max_depth), forwards
+        lay = self.layout(cfg, max_depth, device)
+        T = lay.slots
+        root_lp = self._logprobs(self.feed_pending(pool, rows, pending, pending_len, pending_host), temperature)
+        scores, tokens = root_lp.topk(lay.top_k, dim=-1)                       # [B, K] level 1
+        levels_tok, levels_score, levels_mask, fronts = [tokens], [scores], [lay.empty.expand(B, -1, -1)], []
+        mask_level = levels_mask[0]
+        head = pool.head(rows)
+        committed = pool.committed_mask(rows, head, self.dtype)                # [B, 1, head], all depths
+        log_thr = math.log(cfg.threshold) if cfg.threshold > 0 else None
+        for i, F in enumerate(lay.fronts):                                     # depth d = i + 2
+            start, off = lay.level_start[i], lay.slot_start[i]
+            top, front = (scores + lay.chain_bias[start: start + scores.shape[1]]).topk(F, dim=-1)   # [B, F]
+            front_score = scores.gather(1, front)
+            if log_thr is not None:   # below the threshold: not expanded (the chain, biased, always is)
+                front_score = front_score.masked_fill(top < log_thr, NEG_INF)
+            front_tok = tokens.gather(1, front)
+            front_mask = torch.maximum(mask_level.gather(1, front.unsqueeze(-1).expand(B, F, T)), lay.own[i])
+            mask = torch.cat([committed.expand(B, F, head), front_mask[..., : off + F]], dim=-1).unsqueeze(1)
+            # The root sits at lengths - 1 (the last pending token); a node at depth j at root + j.
+            positions = (pool.lengths[:rows, None] + i).expand(B, F)
+            if pool.window is not None:
+                mask = pool.windowed(mask, head, positions, pool.lengths[:rows, None] + lay.slot_level[: off + F])
+            logits = models.model_forward(self.model, pool.begin(rows, head + off), front_tok, positions, mask,
+                                          self.lean)
+            child_lp, child_tok = self._logprobs(logits, temperature).topk(lay.top_k, dim=-1)   # [B, F, K]
+            scores = (front_score.unsqueeze(-1) + child_lp).view(B, -1)
+            tokens = child_tok.view(B, -1)
+            mask_level = front_mask.unsqueeze(2).expand(B, F, lay.top_k, T).reshape(B, -1, T)
+            levels_tok.append(tokens)
+            levels_score.append(scores)
+            levels_mask.append(mask_level)
+            fronts.append(front)
+        if not lay.fronts:
+            tree = prune_tree(lay, tokens, scores, lay.empty.expand(B, -1, -1), tokens[:, :0], cfg.max_nodes)
+        else:
+            tree = prune_tree(lay, torch.cat(levels_tok, 1), torch.cat(levels_score, 1), torch.cat(levels_mask, 1),
+                              torch.cat(fronts, 1), cfg.max_nodes)
+        return tree, max_depth

@@ -1,7 +1,7 @@
 """SpeculativeEngine: a running batch of rows that new rows can join at any step.
 
     engine = decoder.engine(max_new_tokens=64)
-    engine.add(input_ids, attention_mask, pixel_values, keys=[...])   # prefill, join the batch
+    engine.add(input_ids, attention_mask, pixel_values, keys=[...])   # prefill, join the batch (engine.can_admit)
     while engine.active:
         result = engine.step()                 # one speculative step for every active row
         for row in result.finished: ...        # row.key, row.tokens, row.stats
@@ -10,16 +10,24 @@ One step for the active rows:
   1. draft: feed the tokens accepted last step, grow a dynamic tree per row (draft.py);
   2. verify: one target forward over [last token, tree nodes] with a tree mask (models.py);
   3. accept: the longest path the target agrees with, plus its bonus token (verify.py);
-  4. roll the target cache forward to the accepted path only (cache.py); finished rows leave.
+  4. commit to the target cache the root and the accepted path only (kvpool.py); finished rows leave.
 The draft cache only ever holds accepted tokens, so it needs no rollback: next step's draft
 forward starts with the tokens it has not seen yet ("pending").
 
+KV: both models' caches are slot pools (kvpool.py). A row takes a free slot when it joins and
+keeps it until it finishes; a finish frees the slot and nothing else moves. A step runs over the
+slot range [0, B) that holds every active row (free slots inside it are masked and gain nothing).
+The step issues a fixed sequence of ops for a given tree shape and reads the device once, at
+the end (the accepted tokens, counts and node counts together); every length the host needs
+(block heads, pending widths) it already knows from earlier reads.
+
 Joining: `add` prefills the new rows on their own (target and draft, image features computed
-once), then appends their caches to the running ones (cache.KVState.merge). Every row carries
-its own positions and holes, so a row's tokens do not depend on which rows share its batch or
-when it joined: greedy output is the target's greedy output, and a sampled row depends only on
-its seed (verify.py draws each output position's token from a per-row uniform stream).
-Dimensions: B active rows, T prompt tokens, N tree nodes, A accepted nodes, L max_new_tokens.
+once) and writes their prompts into free slots. Every row has its own length and positions, so a
+row's tokens do not depend on which rows share its batch or when it joined: greedy output is the
+target's greedy output, and a sampled row depends only on its seed (verify.py draws each output
+position's token from a per-row uniform stream).
+Dimensions: R slots, B slots a step runs over, T prompt tokens, N tree nodes, A accepted nodes,
+L max_new_tokens.
 """
 from __future__ import annotations
 
@@ -31,15 +39,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import InputError
-from .models import forward_block, model_device, prefill, project_image_features, validate_inputs, vision_hidden_states
+from . import models
+from .capacity import PENDING_CAP, tree_room
+from .errors import CapacityError, InputError
+from .kvpool import KVPool, KVShape, _arange
+from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
 from .tree import DraftTree, verify_positions, verify_visibility
-from .verify import Acceptance, greedy_accept, inverse_cdf, sample_accept, target_probs
+from .verify import greedy_accept, inverse_cdf, sample_accept, target_probs
 
 SEED_BITS = 63
-PENDING_CAP = 16   # steps without drafting let the draft's backlog grow up to this, then feed it
-RESERVE_TOKENS = 256   # cache slots preallocated per row for new tokens when rows join (cache.SlotLayer)
+RESERVE_TOKENS = 256   # token slots an unplanned engine gives a row for new tokens before growing (kvpool.py)
 
 
 def row_seed(seed: int, key) -> int:
@@ -84,7 +94,8 @@ class FinishedRow:
 
 @dataclass
 class StepResult:
-    """What one `step()` did. Timings are wall seconds with the device synchronised."""
+    """What one `step()` did. Timings are host wall seconds; on CUDA the device is synchronised
+    around the phases only when `engine.timed` is set (otherwise they time the launches)."""
 
     rows: int                                   # active rows in the step
     accepted: list[int]                         # tokens each row gained (bonus included, cut at EOS)
@@ -96,49 +107,53 @@ class StepResult:
 
 
 @dataclass
-class _Rows:
-    """Per-row state of the running batch, aligned with dim 0 of both caches."""
+class _Row:
+    """Host-side record of the row in one slot."""
 
-    keys: list
-    outputs: list[list[int]]
-    stats: list[RowStats]
-    last: Tensor            # [B] last token (the root of the next tree)
-    pending: Tensor         # [B, P] tokens the draft has not seen (right-padded)
-    pending_len: Tensor     # [B]
-    produced: Tensor        # [B] tokens produced so far (device copy of len(outputs[b]))
-    uniforms: Tensor | None  # [B, L] per-row sampling streams (None when greedy)
+    key: Hashable
+    outputs: list[int]
+    stats: RowStats
 
-    def select(self, keep: list[int], index: Tensor) -> None:
-        self.keys = [self.keys[i] for i in keep]
-        self.outputs = [self.outputs[i] for i in keep]
-        self.stats = [self.stats[i] for i in keep]
-        self.last, self.pending, self.pending_len = self.last[index], self.pending[index], self.pending_len[index]
-        self.produced = self.produced[index]
-        if self.uniforms is not None:
-            self.uniforms = self.uniforms[index]
 
-    def extend(self, other: "_Rows") -> None:
-        self.keys += other.keys
-        self.outputs += other.outputs
-        self.stats += other.stats
-        self.last = torch.cat([self.last, other.last])
-        width = max(self.pending.shape[1], other.pending.shape[1])
-        self.pending = torch.cat([_right_pad(self.pending, width), _right_pad(other.pending, width)])
-        self.pending_len = torch.cat([self.pending_len, other.pending_len])
-        self.produced = torch.cat([self.produced, other.produced])
-        if self.uniforms is not None:
-            self.uniforms = torch.cat([self.uniforms, other.uniforms])
+class _SlotState:
+    """Per-slot device state of the running batch, [R] (or [R, ...]) tensors indexed by slot."""
+
+    def __init__(self, rows: int, pending_width: int, sample_len: int | None, device):
+        long = dict(dtype=torch.long, device=device)
+        self.last = torch.zeros(rows, **long)                    # [R] last token (the root of the next tree)
+        self.pending = torch.zeros(rows, pending_width, **long)  # [R, P] tokens the draft has not seen
+        self.pending_len = torch.zeros(rows, **long)             # [R] (0 in a free slot)
+        self.produced = torch.zeros(rows, **long)                # [R] tokens produced so far
+        self.active = torch.zeros(rows, **long)                  # [R] 1 where a row decodes
+        self.uniforms = None if sample_len is None else torch.zeros(rows, sample_len, device=device)  # [R, L]
+
+    def grow(self, rows: int) -> None:
+        for name in ("last", "pending", "pending_len", "produced", "active", "uniforms"):
+            t = getattr(self, name)
+            if t is not None and t.shape[0] < rows:
+                setattr(self, name, torch.cat([t, t.new_zeros((rows - t.shape[0],) + t.shape[1:])]))
 
 
 class SpeculativeEngine:
-    """A running batch over a `SpeculativeDecoder`'s target, draft and drafter (see module doc)."""
+    """A running batch over a `SpeculativeDecoder`'s target, draft and drafter (see module doc).
 
-    def __init__(self, decoder, options: SamplingOptions):
+    max_rows / max_length: the KV pools' row slots and token slots per row. Given (a memory plan,
+    decoding/capacity.py), the pools are allocated once at that size and `add` refuses rows that
+    would not fit (`can_admit` says beforehand); None: sized from the first rows, growing when more
+    rows or longer rows come (a copy of the pool each time it grows)."""
+
+    def __init__(self, decoder, options: SamplingOptions, max_rows: int | None = None,
+                 max_length: int | None = None, trees: list | None = None):
         self.decoder = decoder
         self.options = options
         self.device = model_device(decoder.target)
-        self._tgt = self._drf = None
-        self._rows: _Rows | None = None
+        self.max_rows, self.max_length = max_rows, max_length
+        self.trees = trees    # tree shapes steps may run (the KV room is sized for them); None: the decoder's
+        self._tpool = self._dpool = None
+        self._slots: list[_Row | None] = []
+        self._state: _SlotState | None = None
+        self._pending_host: list[int] = []      # pending_len per slot, on the host
+        self.timed = False                      # synchronise the device around phases for exact timings
         # The tree of a step, from the number of active rows: the decoder's budget table when it
         # has one (budget.py; None there = a plain target step, no drafting), else its TreeConfig.
         budget = getattr(decoder, "budget", None)
@@ -149,24 +164,83 @@ class SpeculativeEngine:
 
     def fresh(self) -> "SpeculativeEngine":
         """An empty engine with the same pair and options (after an error left this one unusable)."""
-        engine = SpeculativeEngine(self.decoder, self.options)
+        engine = SpeculativeEngine(self.decoder, self.options, self.max_rows, self.max_length, self.trees)
         engine.step_observer = self.step_observer
         engine.tree_for = self.tree_for
         return engine
 
     @property
     def active(self) -> int:
-        return 0 if self._rows is None else len(self._rows.keys)
+        return sum(row is not None for row in self._slots)
 
     @property
     def keys(self) -> list:
-        return [] if self._rows is None else list(self._rows.keys)
+        return [row.key for row in self._slots if row is not None]
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The active rows' host records (slot order)."""
+        return [row for row in self._slots if row is not None]
+
+    # -- sizing ---------------------------------------------------------------------------------
+    def _tree_room(self) -> tuple[int, int]:
+        """Block slots a step may need beyond a row's length: (target verify, draft feed or tree)."""
+        if self.trees:
+            return tree_room(self.trees)
+        entries = getattr(getattr(self.decoder, "budget", None), "entries", None) or []
+        return tree_room([self.decoder.tree] + [e.tree for e in entries if e.tree is not None])
+
+    def row_length(self, prompt_tokens: int) -> int:
+        """Token slots a row of this many prompt tokens needs for its whole decode (target pool)."""
+        return prompt_tokens + self.options.max_new_tokens + self._tree_room()[0]
+
+    def can_admit(self, rows: int, prompt_tokens: int) -> bool:
+        """Whether `rows` more rows of up to `prompt_tokens` tokens fit the planned pools now."""
+        if self.max_rows is not None and self.active + rows > self.max_rows:
+            return False
+        return self.max_length is None or self.row_length(prompt_tokens) <= self.max_length
+
+    def _ensure(self, rows: int, prompt_tokens: int) -> None:
+        """Pools with at least `rows` slots (in all) of room for prompts of `prompt_tokens`."""
+        t_room, d_room = self._tree_room()
+        ahead = min(self.options.max_new_tokens, RESERVE_TOKENS)
+        if self.max_length is not None:
+            t_len = self.max_length
+        else:
+            t_len = prompt_tokens + ahead + t_room
+        d_len = t_len - t_room + d_room
+        if self.max_rows is not None:
+            rows = self.max_rows
+        elif self._tpool is not None and rows > self._tpool.rows:
+            rows = max(rows, 2 * self._tpool.rows)
+        if self._tpool is None:
+            self._tpool = KVPool(KVShape.of(self.decoder.target), rows, t_len, self.device,
+                                 *sliding_window(self.decoder.target))
+            self._dpool = KVPool(KVShape.of(self.decoder.draft), rows, d_len, self.device,
+                                 *sliding_window(self.decoder.draft))
+            self._state = _SlotState(rows, PENDING_CAP + 2 * t_room, self.options.max_new_tokens
+                                     if self.options.sampling else None, self.device)
+        else:
+            self._tpool.resize(rows, t_len)
+            self._dpool.resize(rows, d_len)
+            self._state.grow(rows)
+        self._slots += [None] * (self._tpool.rows - len(self._slots))
+        self._pending_host += [0] * (self._tpool.rows - len(self._pending_host))
+
+    def _room(self, pool: KVPool, rows: int, block: int) -> int:
+        """The block's head for rows [0, rows), growing the pool if a longer row than planned needs it."""
+        head = pool.head(rows)
+        if head + block > pool.length:
+            if self.max_length is not None:
+                raise CapacityError(f"a row needs {head + block} KV slots but the plan gives {pool.length}")
+            pool.resize(pool.rows, head + block + max(64, pool.length // 8))
+        return head
 
     # -- joining --------------------------------------------------------------------------------
     @torch.no_grad()
     def add(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
             keys: Sequence | None = None, seeds: Sequence[int] | None = None) -> list[FinishedRow]:
-        """Prefill rows and add them to the running batch.
+        """Prefill rows and add them to the running batch, each in a free slot.
 
         input_ids/attention_mask: [B, T] left-padded with image tokens expanded; pixel_values:
         [num_images, C, H, W] or None. keys: the caller's handle per row (default 0..B-1 after
@@ -182,23 +256,22 @@ class SpeculativeEngine:
             raise InputError(f"{len(keys)} keys for {B} rows")
         if opts.sampling and (seeds is None or len(seeds) != B):
             raise InputError("sampling needs one seed per row (decoding.engine.row_seed(seed, id))")
+        lengths = attention_mask.sum(-1).tolist()
+        if not self.can_admit(B, max(lengths)):
+            raise CapacityError(f"{B} rows of up to {max(lengths)} prompt tokens do not fit: {self.active} of "
+                                f"{self.max_rows} rows in use, {self.row_length(max(lengths))} KV slots a row needed, "
+                                f"{self.max_length} planned (check engine.can_admit first)")
         input_ids = input_ids.to(self.device, torch.long)
         attention_mask = attention_mask.to(self.device, torch.long)
 
-        _sync(self.device)
         t0 = time.perf_counter()
         target_mm = draft_mm = None
         if pixel_values is not None and dec.shared_vision:
             hidden = vision_hidden_states(dec.target, pixel_values)
             target_mm = project_image_features(dec.target, hidden)
             draft_mm = project_image_features(dec.draft, hidden)
-        # Cache room for the tokens to come (up to RESERVE_TOKENS; longer outputs grow the buffers)
-        # and one step's temporary slots, so that steps write in place instead of copying the caches.
-        ahead = min(opts.max_new_tokens, RESERVE_TOKENS)
-        tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm,
-                              spare=ahead + min(dec.tree.max_nodes, dec.tree.max_candidates) + 1)
-        drf, _ = prefill(dec.draft, input_ids, attention_mask, pixel_values, draft_mm,
-                         spare=ahead + PENDING_CAP + dec.tree.max_depth * dec.tree.frontier)
+        tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm)
+        drf, _ = prefill(dec.draft, input_ids, attention_mask, pixel_values, draft_mm)
         uniforms = None
         if opts.sampling:
             uniforms = torch.stack([
@@ -208,127 +281,156 @@ class SpeculativeEngine:
         else:
             first = logits.argmax(-1)                                                   # [B]
         first_list = first.tolist()
-        _sync(self.device)
         elapsed = time.perf_counter() - t0
 
-        stats = [RowStats(prefill_s=elapsed, target_forwards=1) for _ in range(B)]
-        outputs = [[] for _ in range(B)]
-        finished_first = [_extend(outputs[b], [first_list[b]], opts) is not None for b in range(B)]
-        new = _Rows(keys=keys, outputs=outputs, stats=stats, last=first, pending=first.unsqueeze(1),
-                    pending_len=torch.ones(B, dtype=torch.long, device=self.device),
-                    produced=torch.ones(B, dtype=torch.long, device=self.device), uniforms=uniforms)
-        done = [self._finish(new, b) for b in range(B) if finished_first[b]]
-        if done:
-            keep = [b for b in range(B) if not finished_first[b]]
-            if not keep:
-                return done
-            _keep_rows(new, tgt, drf, keep)
-        if self._rows is None:
-            self._rows, self._tgt, self._drf = new, tgt, drf
-        else:
-            self._rows.extend(new)
-            self._tgt.merge(tgt)
-            self._drf.merge(drf)
+        done, keep = [], []
+        for b in range(B):
+            row = _Row(keys[b], [], RowStats(prefill_s=elapsed, target_forwards=1))
+            if _extend(row.outputs, [first_list[b]], opts) is not None:
+                done.append(_finished(row))
+            else:
+                keep.append((b, row))
+        if not keep:
+            return done
+        self._ensure(self.active + len(keep), max(lengths))
+        free = [s for s, row in enumerate(self._slots) if row is None][: len(keep)]
+        slots = torch.tensor(free, dtype=torch.long, device=self.device)
+        index = torch.tensor([b for b, _ in keep], dtype=torch.long, device=self.device)
+        pad = input_ids.shape[1] - attention_mask.sum(-1)
+        kept_lengths = [lengths[b] for b, _ in keep]
+        for pool, state in ((self._tpool, tgt), (self._dpool, drf)):
+            pool.write_prompt(slots, [(layer.keys[index], layer.values[index]) for layer in state.cache.layers],
+                              pad[index], kept_lengths)
+        st = self._state
+        st.last[slots] = first[index]
+        st.pending[slots] = 0
+        st.pending[slots, 0] = first[index]
+        st.pending_len[slots] = 1
+        st.produced[slots] = 1
+        st.active[slots] = 1
+        if uniforms is not None:
+            st.uniforms[slots] = uniforms[index]
+        for s, (_, row) in zip(free, keep):
+            self._slots[s] = row
+            self._pending_host[s] = 1
         return done
 
     # -- one step -------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> StepResult:
-        """One speculative step for every active row; finished rows leave the batch."""
-        rows, opts, dec = self._rows, self.options, self.decoder
-        if rows is None:
-            return StepResult(rows=0, accepted=[], nodes=0, draft_forwards=0, draft_s=0.0, verify_s=0.0)
-        B = len(rows.keys)
-        remaining = opts.max_new_tokens - min(len(o) for o in rows.outputs)
-        shape = self.tree_for(B)
-        depth = min(shape.max_depth, remaining - 1) if shape is not None else 0
+        """One speculative step for every active row; finished rows leave the batch.
 
-        _sync(self.device)
+        One host read per step (the accepted tokens, counts and node counts together); every
+        length the step needs on the host is known from the previous reads."""
+        opts, dec, st = self.options, self.decoder, self._state
+        occupied = [s for s, row in enumerate(self._slots) if row is not None]
+        if not occupied:
+            return StepResult(rows=0, accepted=[], nodes=0, draft_forwards=0, draft_s=0.0, verify_s=0.0)
+        B = occupied[-1] + 1                       # the step runs over slots [0, B); free ones are masked
+        rows = self._slots
+        remaining = opts.max_new_tokens - min(len(rows[s].outputs) for s in occupied)
+        shape = self.tree_for(len(occupied))
+        depth = min(shape.max_depth, remaining - 1) if shape is not None else 0
+        P = max(self._pending_host[:B])
+
+        self._sync()
         t0 = time.perf_counter()
+        n_draft = 0
         if depth >= 1:
-            tree, n_draft = dec.drafter.propose(self._drf, rows.pending, rows.pending_len, depth, opts.temperature,
-                                                shape)
+            self._room(self._dpool, B, P + depth * shape.frontier)
+            tree, n_draft = dec.drafter.propose(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
+                                                self._pending_host[:B], depth, opts.temperature, shape)
         else:  # no drafting this step (the budget says it cannot pay, or one token is left): target alone
-            tree, n_draft = _empty_tree(B, self.device), 0
-            if rows.pending.shape[1] >= PENDING_CAP:   # keep the draft's backlog short
-                dec.drafter.feed_pending(self._drf, rows.pending, rows.pending_len)
-                rows.pending, rows.pending_len = rows.pending[:, :0], torch.zeros_like(rows.pending_len)
-                n_draft = 1
-        _sync(self.device)
+            tree = _empty_tree(B, self.device)
+            if P >= PENDING_CAP:   # keep the draft's backlog short
+                self._room(self._dpool, B, P)
+                dec.drafter.feed_pending(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
+                                         self._pending_host[:B])
+                st.pending_len[:B] = 0
+                self._pending_host[:B] = [0] * B
+                P, n_draft = 0, 1
+        self._sync()
         t1 = time.perf_counter()
-        tokens = torch.cat([rows.last.unsqueeze(1), tree.tokens], dim=1)
-        positions = verify_positions(tree, self._tgt.lengths)
-        query_valid = torch.cat([torch.ones_like(rows.last, dtype=torch.bool).unsqueeze(1), tree.valid], 1)
-        logits = forward_block(dec.target, self._tgt, tokens, positions, verify_visibility(tree), query_valid,
-                               lean=dec.lean_target)
+        Q = 1 + tree.tokens.shape[1]
+        head = self._room(self._tpool, B, Q)
+        tokens = torch.cat([st.last[:B, None], tree.tokens], dim=1)
+        positions = verify_positions(tree, self._tpool.lengths[:B])
+        mask = self._tpool.block_mask(B, head, verify_visibility(tree), model_dtype(dec.target), positions, positions)
+        logits = models.model_forward(dec.target, self._tpool.begin(B, head), tokens, positions, mask,
+                                      dec.lean_target)
         if opts.sampling:
-            acc = sample_accept(tree, logits, rows.uniforms, rows.produced, max(depth, 0),
+            acc = sample_accept(tree, logits, st.uniforms[:B], st.produced[:B], max(depth, 0),
                                 opts.temperature, opts.top_p, opts.top_k)
         else:
             acc = greedy_accept(tree, logits, max(depth, 0))
-        # The one host read of the step: tokens, lengths and node counts of every row.
+        count = (acc.length + 1) * st.active[:B]                                 # [B] tokens each row gains
+        src = torch.cat([_zero_column(B, self.device), acc.nodes + 1], dim=1)    # root, then the path's slots
+        self._tpool.commit(B, head, src, count)
+        # The one host read of the step: lengths, node counts and tokens of every row.
         host = torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1).tolist()
-        self._commit_target(acc, 1 + max(h[0] for h in host))
-        _sync(self.device)
+        self._tpool.advance_host(B, [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)])
+        if depth >= 1:               # the draft saw every pending token: the step's tokens are the new backlog
+            st.pending[:B, : acc.tokens.shape[1]] = acc.tokens
+            st.pending_len[:B] = count
+            self._pending_host[:B] = [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)]
+        else:                        # nothing fed (or the backlog just fed): append to what the draft has not seen
+            index = st.pending_len[:B, None] + _arange(acc.tokens.shape[1], self.device)
+            st.pending[:B].scatter_(1, index, acc.tokens)
+            st.pending_len[:B] += count
+            self._pending_host[:B] = [p + ((h[0] + 1) if rows[b] is not None else 0)
+                                      for b, (p, h) in enumerate(zip(self._pending_host[:B], host))]
+        st.last[:B] = acc.bonus
+        st.produced[:B] += acc.length + 1
+        self._sync()
         t2 = time.perf_counter()
         if self.step_observer is not None:
             self.step_observer(tree, acc)
 
-        accepted, finished_at = [], []
-        for i, (n_acc, n_nodes, *step_tokens) in enumerate(host):
-            step_tokens = step_tokens[: n_acc + 1]
-            kept = _extend(rows.outputs[i], step_tokens, opts)
-            st = rows.stats[i]
-            st.accepted_lengths.append(len(step_tokens) if kept is None else kept)
-            st.target_forwards += 1
-            st.draft_forwards += n_draft
-            st.tree_nodes.append(n_nodes)
-            st.draft_s += t1 - t0
-            st.verify_s += t2 - t1
-            accepted.append(st.accepted_lengths[-1])
+        accepted, finished = [], []
+        for b in occupied:
+            n_acc, n_nodes, *step_tokens = host[b]
+            row = rows[b]
+            kept = _extend(row.outputs, step_tokens[: n_acc + 1], opts)
+            rs = row.stats
+            rs.accepted_lengths.append(n_acc + 1 if kept is None else kept)
+            rs.target_forwards += 1
+            rs.draft_forwards += n_draft
+            rs.tree_nodes.append(n_nodes)
+            rs.draft_s += t1 - t0
+            rs.verify_s += t2 - t1
+            accepted.append(rs.accepted_lengths[-1])
             if kept is not None:
-                finished_at.append(i)
-        if depth >= 1:               # the draft saw every pending token: the step's tokens are the new backlog
-            rows.pending, rows.pending_len = acc.tokens, acc.length + 1
-        else:                        # nothing fed (or the backlog just fed): append to what the draft has not seen
-            rows.pending, rows.pending_len = _append_rows(rows.pending, rows.pending_len, acc.tokens, acc.length + 1)
-        rows.last = acc.bonus
-        rows.produced = rows.produced + acc.length + 1
-        result = StepResult(rows=B, accepted=accepted, nodes=sum(h[1] for h in host), draft_forwards=n_draft,
-                            draft_s=t1 - t0, verify_s=t2 - t1)
-        if finished_at:
-            result.finished = [self._finish(rows, i) for i in finished_at]
-            self._drop(set(finished_at))
+                finished.append(b)
+        result = StepResult(rows=len(occupied), accepted=accepted, nodes=sum(host[b][1] for b in occupied),
+                            draft_forwards=n_draft, draft_s=t1 - t0, verify_s=t2 - t1)
+        if finished:
+            result.finished = [_finished(rows[b]) for b in finished]
+            self._release(finished)
         return result
 
-    def _commit_target(self, acc: Acceptance, width: int) -> None:
-        """Keep the root slot and the accepted nodes' slots of the target cache: `width` slots per
-        row (1 + the longest accepted path of the batch; shorter rows get holes)."""
-        B = acc.nodes.shape[0]
-        nodes = acc.nodes[:, : width - 1]
-        index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=self.device), nodes.clamp(min=0) + 1], 1)
-        keep = torch.arange(width, device=self.device).unsqueeze(0) <= acc.length.unsqueeze(1)
-        self._tgt.commit_tail(index, keep)
+    def _release(self, slots: list[int]) -> None:
+        """Free finished rows' slots: nothing is copied, the slots just stop counting."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self._state.active[index] = 0
+        self._state.pending_len[index] = 0
+        self._tpool.release(slots)
+        self._dpool.release(slots)
+        for s in slots:
+            self._slots[s] = None
+            self._pending_host[s] = 0
 
-    def _finish(self, rows: _Rows, i: int) -> FinishedRow:
-        st = rows.stats[i]
-        st.new_tokens = len(rows.outputs[i])
-        return FinishedRow(key=rows.keys[i], tokens=rows.outputs[i], stats=st)
-
-    def _drop(self, finished: set[int]) -> None:
-        keep = [i for i in range(len(self._rows.keys)) if i not in finished]
-        if not keep:
-            self._rows = self._tgt = self._drf = None
-            return
-        _keep_rows(self._rows, self._tgt, self._drf, keep)
+    def _sync(self) -> None:
+        if self.timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
-def _keep_rows(rows: _Rows, tgt, drf, keep: list[int]) -> None:
-    """Keep only rows `keep` of the per-row state and both caches."""
-    index = torch.tensor(keep, device=rows.last.device)
-    rows.select(keep, index)
-    tgt.select_rows(index)
-    drf.select_rows(index)
+def _finished(row: _Row) -> FinishedRow:
+    row.stats.new_tokens = len(row.outputs)
+    return FinishedRow(key=row.key, tokens=row.outputs, stats=row.stats)
+
+
+def _zero_column(rows: int, device) -> Tensor:
+    return _arange(1, device).expand(rows, 1)
 
 
 def _extend(out: list[int], tokens: list[int], opts: SamplingOptions) -> int | None:
@@ -365,32 +467,12 @@ def default_top_k(target) -> int:
     return int(top_k or 0)
 
 
-def _append_rows(a: Tensor, a_len: Tensor, b: Tensor, b_len: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, b[:b_len] appended after a[:a_len] (right-padded rows).  [B, P] + [B, Q] -> [B, P+Q]."""
-    B, Q = b.shape
-    out = torch.cat([a, torch.zeros_like(b)], dim=1)
-    index = a_len.unsqueeze(1) + torch.arange(Q, device=b.device)
-    out.scatter_(1, index, b)
-    return out, a_len + b_len
-
-
-def _right_pad(t: Tensor, width: int) -> Tensor:
-    if t.shape[1] == width:
-        return t
-    return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
-
-
 def _empty_tree(batch: int, device) -> DraftTree:
     empty_long = torch.zeros(batch, 0, dtype=torch.long, device=device)
     return DraftTree(tokens=empty_long, parents=empty_long.clone(), depths=empty_long.clone(),
                      scores=torch.zeros(batch, 0, device=device),
                      valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
                      ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool, device=device))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seeds_from(generator: torch.Generator | None, rows: int) -> list[int]:

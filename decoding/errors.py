@@ -11,3 +11,8 @@ class InputError(SpecDecodeError):
 
 class ModelPairError(SpecDecodeError):
     """The target and draft cannot decode together (tokenizer, device, architecture, attention backend)."""
+
+
+class CapacityError(SpecDecodeError):
+    """Rows were added beyond what the engine's KV plan holds (decoding/capacity.py); callers admit
+    rows only when `SpeculativeEngine.can_admit` says they fit."""

@@ -1,4 +1,4 @@
-"""A lean forward of a LLaVA text model (LLaMA / Mistral / Qwen2) over a KVState.
+"""A lean forward of a LLaVA text model (LLaMA / Mistral / Qwen2) over a cache (KVPool or KVState).
 
 For a small draft on CPU, most of a transformers forward is per-layer Python overhead
 (decorators, output capture, mask preparation, attention dispatch), not arithmetic. This
@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import KVState
 
 LEAN_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
@@ -34,10 +33,12 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def lean_forward(model, state: KVState, tokens: Tensor, positions: Tensor, mask: Tensor | dict) -> Tensor:
+def lean_forward(model, cache, tokens: Tensor, positions: Tensor, mask: Tensor | dict,
+                 keep: Tensor | None = None) -> Tensor:
     """Logits [B, Q, V] for tokens [B, Q] at positions [B, Q]; appends Q slots to every cache layer.
+    keep: [B] one position per row whose logits are wanted (then [B, 1, V]: the LM head runs on it only).
 
-    mask: [B, 1, Q, S+Q] float (or a dict by layer kind) from KVState.attention_mask.
+    mask: [B, 1, Q, S+Q] float (or a dict by layer kind): KVPool.block_mask, KVState.attention_mask.
     """
     lm = model.model.language_model
     kinds = getattr(model.config.text_config, "layer_types", None)
@@ -45,7 +46,7 @@ def lean_forward(model, state: KVState, tokens: Tensor, positions: Tensor, mask:
     cos, sin = lm.rotary_emb(h, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                           # [B, 1, Q, d]
     B, Q, _ = h.shape
-    layers = state.cache.layers
+    layers = cache.layers
     for i, layer in enumerate(lm.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -54,10 +55,12 @@ def lean_forward(model, state: KVState, tokens: Tensor, positions: Tensor, mask:
         v = attn.v_proj(x).view(B, Q, -1, attn.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = layers[i].update(k, v)                              # in place (cache.SlotLayer)
+        keys, values = layers[i].update(k, v)                              # in place (kvpool.PoolLayer, cache.SlotLayer)
         m = mask if isinstance(mask, Tensor) else mask[kinds[i] if kinds else "full_attention"]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=m, scale=attn.scaling,
                                              enable_gqa=q.shape[1] != k.shape[1])
         h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
+    if keep is not None:
+        h = h.gather(1, keep.view(B, 1, 1).expand(B, 1, h.shape[-1]))
     return model.lm_head(lm.norm(h))

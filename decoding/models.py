@@ -197,12 +197,20 @@ def forward_block(model, state: KVState, tokens: Tensor, positions: Tensor, extr
     vmax = model.get_input_embeddings().weight.shape[0]
     tokens = torch.where(tokens < vmax, tokens, torch.zeros_like(tokens))  # padded-vocab ids the model lacks
     mask = state.attention_mask(positions, extra_vis, model_dtype(model))
-    if lean:
-        logits = lean_forward(model, state, tokens, positions, mask)
-    else:
-        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=state.cache,
-                       use_cache=True).logits
+    logits = model_forward(model, state.cache, tokens, positions, mask, lean)
     state.appended(positions, query_valid)
+    return logits
+
+
+def model_forward(model, cache, tokens: Tensor, positions: Tensor, mask, lean: bool,
+                  keep: Tensor | None = None) -> Tensor:
+    """The one place a step calls a model (profiling.StepProfiler hooks it): logits [B, Q, V], or
+    [B, 1, V] at position keep[b] of each row when `keep` ([B] long) is given."""
+    if lean:
+        return lean_forward(model, cache, tokens, positions, mask, keep)
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+    if keep is not None:
+        logits = logits.gather(1, keep.view(-1, 1, 1).expand(-1, 1, logits.shape[-1]))
     return logits
 
 

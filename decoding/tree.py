@@ -5,7 +5,9 @@ kept for verification (root excluded), V vocabulary. A node's depth is 1 for a c
 root (the last accepted token, which sits at depth 0). Scores are log path probabilities under
 the draft, so a child never scores above its parent.
 
-Every function here is a pure tensor function, unit-tested on hand-made trees.
+Every function here is a pure tensor function, unit-tested on hand-made trees. The builder runs
+a fixed number of tensor ops per depth whatever the draft proposes (no data-dependent branch, no
+host read): `TreeLayout` holds the shape's constants, `prune_tree` keeps a fixed node count.
 """
 from __future__ import annotations
 
@@ -27,15 +29,17 @@ class TreeConfig:
     frontier:   nodes expanded per depth and row (the best-scoring ones, EAGLE-2).
     max_depth:  deepest node; a full step accepts at most max_depth + 1 tokens (bonus included).
     max_nodes:  nodes kept for verification after pruning (root excluded).
-    threshold:  a row stops expanding when its best path probability falls below this
-                (Spec-LLaVA's confidence-driven depth); 0 disables early stop.
+    threshold:  frontier nodes whose path probability is below this are not expanded (their
+                children are masked out; the greedy chain always goes on). A step drafts a fixed
+                number of depths whatever the probabilities (no host sync to stop early), so
+                the threshold saves no draft work; it only narrows the tree. 0 = off (default).
     """
 
     top_k: int = 4
     frontier: int = 4
     max_depth: int = 6
     max_nodes: int = 24
-    threshold: float = 0.05
+    threshold: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("top_k", "frontier", "max_depth", "max_nodes"):
@@ -72,137 +76,151 @@ class DraftTree:
         return self.valid.sum(-1)
 
 
-def ancestor_matrix(parents: Tensor, valid: Tensor, max_depth: int) -> Tensor:
-    """ancestors[b, i, j] = node j is node i or an ancestor of i.  parents: [B, C] (ROOT = root)."""
-    B, C = parents.shape
-    eye = torch.eye(C, dtype=torch.bool, device=parents.device).expand(B, C, C)
-    # one_hot_parent[b, i, j] = (parents[b, i] == j)
-    has_parent = (parents != ROOT) & valid
-    step = torch.zeros(B, C, C, dtype=torch.float32, device=parents.device)
-    step.scatter_(2, parents.clamp(min=0).unsqueeze(-1), has_parent.unsqueeze(-1).float())
-    anc = eye & valid.unsqueeze(-1)
-    reach = anc.float()
-    for _ in range(max_depth):
-        reach = torch.bmm(reach, step).clamp_(max=1.0)
-        if not reach.any():
-            break
-        anc = anc | (reach > 0)
-    return anc
+CHAIN_BIAS = 1e9   # added to greedy-chain candidates' scores when ranking: they come first
 
 
 @dataclass
-class Candidates:
-    """Candidate nodes of a batch in a padded layout, [B, C] each (one expansion, or a whole step's pool)."""
+class TreeLayout:
+    """The static shape of one step's candidate pool for (top_k K, frontier F, depth D): every
+    constant the drafting loop and `prune_tree` index with, built once per shape and device.
 
-    tokens: Tensor     # long
-    parents: Tensor    # long, pool index of the parent, ROOT for children of the root
-    scores: Tensor     # float, log path probability under the draft (-inf when invalid)
-    valid: Tensor      # bool
-    chain: Tensor      # bool, on the draft's greedy chain
-
-
-def expand_children(
-    parent_index: Tensor,   # [B, F] pool index of each expanded node (ROOT = the root)
-    parent_score: Tensor,   # [B, F] log path probability of each expanded node
-    parent_valid: Tensor,   # [B, F] bool
-    parent_chain: Tensor,   # [B, F] bool, the node is on the draft's greedy chain
-    logprobs: Tensor,       # [B, F, V] draft log-probabilities at each expanded node
-    top_k: int,
-) -> Candidates:
-    """Top-k children of every expanded node, [B, F*K] each; children of invalid parents are
-    invalid; the top-1 child of a chain node continues the chain."""
-    B, F, V = logprobs.shape
-    k = min(top_k, V)
-    child_lp, child_tok = logprobs.topk(k, dim=-1)                       # [B, F, K]
-    scores = parent_score.unsqueeze(-1) + child_lp                        # [B, F, K]
-    valid = parent_valid.unsqueeze(-1).expand(B, F, k) & torch.isfinite(scores)
-    scores = scores.masked_fill(~valid, NEG_INF)
-    parents = parent_index.unsqueeze(-1).expand(B, F, k)
-    chain = torch.zeros(B, F, k, dtype=torch.bool, device=logprobs.device)
-    chain[:, :, 0] = parent_chain & parent_valid
-    chain &= valid
-    return Candidates(tokens=child_tok.reshape(B, F * k), parents=parents.reshape(B, F * k),
-                      scores=scores.reshape(B, F * k), valid=valid.reshape(B, F * k), chain=chain.reshape(B, F * k))
-
-
-def select_frontier(scores: Tensor, valid: Tensor, chain: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """The `width` best valid candidates per row, the greedy-chain node always among them.
-
-    scores, valid, chain: [B, C] -> index [B, W], valid [B, W].
+    Level 1 holds the root's K children; level d >= 2 the K children of each of the F_d =
+    min(F, width of level d-1) frontier nodes chosen from level d-1, at columns f*K + k. The
+    candidates of all levels, concatenated, are the pool (C of them, in depth order). Frontier
+    nodes are fed to the draft and get a temporary cache slot each: slot `slot_start[d] + f` for
+    the f-th frontier node chosen at depth d (T slots in all). Column 0 of every level is on the
+    draft's greedy chain (the top child of frontier slot 0, which is the previous chain node).
     """
-    w = min(width, scores.shape[1])
-    masked = scores.masked_fill(~valid, NEG_INF)
-    top, index = _priority(masked, chain).topk(w, dim=-1)
-    return index, top > NEG_INF
+
+    top_k: int
+    depth: int
+    widths: tuple[int, ...]        # per level 1..D (index 0 = level 1)
+    fronts: tuple[int, ...]        # F_d per depth 2..D (index 0 = depth 2)
+    level_start: tuple[int, ...]   # first pool column of each level
+    slot_start: tuple[int, ...]    # first temp slot of each depth 2..D
+    chain_bias: Tensor             # [C] float: CHAIN_BIAS on chain columns, else 0
+    depth_of: Tensor               # [C] long: depth of each pool column
+    parent_slot: Tensor            # [C] long: temp slot of the parent (ROOT for level 1)
+    front_offset: Tensor           # [T] long: level_start of the level each temp slot's node comes from
+    slot_level: Tensor             # [T] long: depth - 2 of the depth each temp slot is fed at
+    own: tuple[Tensor, ...]        # per depth 2..D: [F_d, T] float, 0 on the node's own slot, min elsewhere
+    empty: Tensor                  # [1, K, T] float min: level 1 has no ancestor among temp slots
+
+    @property
+    def candidates(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def slots(self) -> int:
+        return sum(self.fronts)
+
+    @classmethod
+    def build(cls, top_k: int, frontier: int, depth: int, vocab: int, dtype: torch.dtype, device) -> "TreeLayout":
+        k = min(top_k, vocab)
+        widths, fronts = [k], []
+        for _ in range(2, depth + 1):
+            fronts.append(min(frontier, widths[-1]))
+            widths.append(fronts[-1] * k)
+        level_start = [sum(widths[:i]) for i in range(len(widths))]
+        slot_start = [sum(fronts[:i]) for i in range(len(fronts))]
+        C, T = sum(widths), sum(fronts)
+        low = torch.finfo(dtype).min
+        chain_bias = torch.zeros(C)
+        chain_bias[list(level_start)] = CHAIN_BIAS
+        depth_of = torch.cat([torch.full((w,), i + 1, dtype=torch.long) for i, w in enumerate(widths)])
+        parent_slot = torch.full((C,), ROOT, dtype=torch.long)
+        front_offset = torch.zeros(T, dtype=torch.long)
+        slot_level = torch.zeros(T, dtype=torch.long)
+        own = []
+        for i, f in enumerate(fronts):                     # depth d = i + 2
+            start = level_start[i + 1]
+            parent_slot[start: start + f * k] = torch.arange(f).repeat_interleave(k) + slot_start[i]
+            front_offset[slot_start[i]: slot_start[i] + f] = level_start[i]
+            slot_level[slot_start[i]: slot_start[i] + f] = i
+            m = torch.full((f, T), low, dtype=dtype)
+            m[torch.arange(f), slot_start[i] + torch.arange(f)] = 0
+            own.append(m.to(device))
+        return cls(top_k=k, depth=depth, widths=tuple(widths), fronts=tuple(fronts), level_start=tuple(level_start),
+                   slot_start=tuple(slot_start), chain_bias=chain_bias.to(device), depth_of=depth_of.to(device),
+                   parent_slot=parent_slot.to(device), front_offset=front_offset.to(device),
+                   slot_level=slot_level.to(device), own=tuple(own),
+                   empty=torch.full((1, k, T), low, dtype=dtype, device=device))
 
 
-def _priority(masked_scores: Tensor, chain: Tensor) -> Tensor:
-    """Ranking key: chain nodes first (the tree never does worse than a greedy chain), then score."""
-    return torch.where(chain, torch.full_like(masked_scores, float("inf")), masked_scores)
+def prune_tree(layout: TreeLayout, tokens: Tensor, scores: Tensor, masks: Tensor, fronts: Tensor,
+               max_nodes: int) -> DraftTree:
+    """Keep the best `max_nodes` candidates per row, ancestors always kept; a fixed node count per
+    row (rows with fewer valid candidates keep invalid ones, masked by `valid`).
 
+    tokens, scores: [B, C] the pool in depth order (scores -inf = invalid); masks: [B, C, T] float,
+    0 where the candidate's ancestors hold temp slot t; fronts: [B, T] the level-local column of
+    the node in each temp slot.
 
-def prune_tree(
-    tokens: Tensor, parents: Tensor, depths: Tensor, scores: Tensor, valid: Tensor, chain: Tensor,
-    max_nodes: int, max_depth: int,
-) -> DraftTree:
-    """Keep the best `max_nodes` candidates per row, ancestors always kept.
-
-    Candidates ([B, C]) must list parents before children. Nodes are ranked greedy-chain first,
-    then by score, ties broken by shallower depth; since a child's score never exceeds its
-    parent's and a chain node's ancestors are chain nodes, any prefix of that order contains the
-    ancestors of its members. The kept nodes are returned sorted by
-    depth (parents first) with `parents` re-indexed into the kept set.
+    Ranking: greedy-chain candidates first, then by score, ties by depth (a stable sort over the
+    pool's depth order). A child never scores above its parent and a chain node's ancestors are
+    chain nodes, so any prefix of that order holds the ancestors of its members: the kept set is
+    a tree. Kept nodes are returned in pool order (parents first); `rank` is each one's place in
+    the ranking (the budget calibration reads it).
     """
     B, C = tokens.shape
+    T = layout.slots
     n = min(max_nodes, C)
-    masked = scores.masked_fill(~valid, NEG_INF)
-    # Two stable sorts: by depth ascending, then by score descending -> (score desc, depth asc).
-    by_depth = torch.sort(depths.masked_fill(~valid, 1 << 30), dim=-1, stable=True).indices
-    key = _priority(masked, chain & valid).gather(1, by_depth)
-    order_in = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    keep = by_depth.gather(1, order_in)[:, :n]                            # [B, n] candidate index
-    rank = torch.arange(n, device=tokens.device).expand(B, n)
-    # Sort kept nodes by depth so parents come first in the verify layout.
-    keep_depth = depths.gather(1, keep).masked_fill(~valid.gather(1, keep), 1 << 30)
-    by_kept_depth = torch.sort(keep_depth, dim=-1, stable=True).indices
-    keep, rank = keep.gather(1, by_kept_depth), rank.gather(1, by_kept_depth)
-    kept_valid = valid.gather(1, keep)
-    # Re-index parents: position of each candidate within `keep` (or NO_NODE).
-    position = torch.full((B, C), NO_NODE, dtype=torch.long, device=tokens.device)
-    position.scatter_(1, keep, torch.arange(n, device=tokens.device).expand(B, n))
-    old_parent = parents.gather(1, keep)
-    new_parent = torch.where(old_parent != ROOT, position.gather(1, old_parent.clamp(min=0)), old_parent)
-    if bool(((new_parent == NO_NODE) & (old_parent != ROOT) & kept_valid).any()):
-        raise AssertionError("pruning dropped an ancestor of a kept node")
-    new_parent = new_parent.masked_fill(~kept_valid, ROOT)
-    tree = DraftTree(
-        tokens=tokens.gather(1, keep).masked_fill(~kept_valid, 0),
-        parents=new_parent,
-        depths=depths.gather(1, keep).masked_fill(~kept_valid, 0),
-        scores=masked.gather(1, keep),
-        valid=kept_valid,
-        ancestors=torch.empty(0),
-        rank=rank,
-    )
-    tree.ancestors = ancestor_matrix(tree.parents, tree.valid, max_depth)
-    return tree
+    order = torch.sort(scores + layout.chain_bias, dim=-1, descending=True, stable=True).indices[:, :n]
+    keep, rank = torch.sort(order, dim=-1)                                    # [B, n] pool columns, parents first
+    kept_scores = scores.gather(1, keep)
+    depths = layout.depth_of[keep]
+    if T == 0:
+        ancestors = torch.eye(n, dtype=torch.bool, device=tokens.device).expand(B, n, n)
+        parents = torch.full_like(keep, ROOT)
+    else:
+        sees_slot = masks.gather(1, keep.unsqueeze(-1).expand(B, n, T)) == 0  # [B, n, T] ancestors' temp slots
+        slot_node = fronts + layout.front_offset                               # [B, T] pool column per temp slot
+        place = torch.searchsorted(keep, slot_node)                             # [B, T] its place in `keep`
+        held = keep.gather(1, place.clamp(max=n - 1)) == slot_node            # [B, T] that node was kept
+        holds = (place.unsqueeze(1) == _arange(n, tokens.device).view(1, n, 1)) & held.unsqueeze(1)  # [B, n, T]
+        ancestors = (sees_slot.unsqueeze(2) & holds.unsqueeze(1)).any(-1) | _eye(n, tokens.device)
+        pslot = layout.parent_slot[keep]
+        parents = torch.where(pslot >= 0, place.gather(1, pslot.clamp(min=0)), ROOT)
+    return DraftTree(tokens=tokens.gather(1, keep), parents=parents, depths=depths, scores=kept_scores,
+                     valid=kept_scores > NEG_INF, ancestors=ancestors, rank=rank)
 
+
+def _arange(n: int, device) -> Tensor:
+    key = ("arange", n, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.arange(n, device=device)
+    return _CONSTANTS[key]
+
+
+def _eye(n: int, device) -> Tensor:
+    key = ("eye", n, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.eye(n, dtype=torch.bool, device=device)
+    return _CONSTANTS[key]
 
 def verify_visibility(tree: DraftTree) -> Tensor:
     """Which tree slots each verify query may see.  Returns [B, 1+N, 1+N] bool.
 
-    Slot 0 is the root (last accepted token); slot i+1 is node i. The root sees itself; a
-    valid node sees the root and its ancestors-or-self; a padding node sees only itself, so
-    that no attention row is empty.
-    """
+    Slot 0 is the root (last accepted token); slot i+1 is node i. The root sees itself; every
+    node sees the root and its ancestors-or-self (a padding node's only ancestor is itself, so no
+    attention row is empty; what it computes is never used)."""
     B, N = tree.tokens.shape
-    vis = torch.zeros(B, N + 1, N + 1, dtype=torch.bool, device=tree.tokens.device)
-    vis[:, 0, 0] = True
-    vis[:, 1:, 1:] = tree.ancestors
-    vis[:, 1:, 0] = tree.valid
-    idx = torch.arange(1, N + 1, device=tree.tokens.device)
-    vis[:, idx, idx] = True
-    return vis
+    root_row = _first_column(N + 1, tree.tokens.device).view(1, 1, N + 1).expand(B, 1, N + 1)
+    sees_root = _first_column(1, tree.tokens.device).view(1, 1, 1).expand(B, N, 1)
+    return torch.cat([root_row, torch.cat([sees_root, tree.ancestors], dim=-1)], dim=1)
+
+
+_CONSTANTS: dict = {}
+
+
+def _first_column(n: int, device) -> Tensor:
+    """[n] bool constant: True, then False (cached)."""
+    key = ("first", n, str(device))
+    if key not in _CONSTANTS:
+        t = torch.zeros(n, dtype=torch.bool, device=device)
+        t[0] = True
+        _CONSTANTS[key] = t
+    return _CONSTANTS[key]
 
 
 def verify_positions(tree: DraftTree, lengths: Tensor) -> Tensor:

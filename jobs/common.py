@@ -148,6 +148,10 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
                    "(default 0.5)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="rows decoding together per actor; new "
                    "rows join as others finish (default 8)")
+    p.add_argument("--kv-memory-gb", type=POSITIVE, default=None, help="KV cache memory per caption actor (GiB): "
+                   "its pools are allocated once and a row joins only when its whole decode fits, so --batch-size "
+                   "becomes an upper bound (default: 90%% of the GPU memory free after the weights; on a CPU no "
+                   "plan, the cache grows as rows need)")
     p.add_argument("--max-concurrent-batches", type=POSITIVE_INT, default=8, help="input batches in flight per caption "
                    "actor, so finished rows are replaced at once; 1 = no continuous batching (default 8)")
     from pipeline.config import DEFAULT_COMMIT_ROWS

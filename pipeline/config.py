@@ -40,6 +40,7 @@ class CaptionConfig:
     seed: int | None = None          # sampling: a row's caption depends only on (seed, id)
     max_concurrent_batches: int = 8  # input batches in flight per caption actor (1 = no continuous batching)
     tree_budget: str = "auto"        # auto: each actor measures the tree per active batch size; off: `tree` always
+    kv_memory_gb: float | None = None  # KV plan per actor (decoding/capacity.py); None: 90% of free GPU memory / no plan on CPU
     tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
     dtype: str = "auto"
     address: str | None = None       # existing Ray cluster; None = the current or a new local one
@@ -62,6 +63,8 @@ class CaptionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PipelineError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.kv_memory_gb is not None and not self.kv_memory_gb > 0:
+            raise PipelineError(f"--kv-memory-gb must be > 0, got {self.kv_memory_gb!r}")
         if self.tree_budget not in ("auto", "off"):
             raise PipelineError(f"--tree-budget must be auto or off, got {self.tree_budget!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -144,12 +144,32 @@ class ContinuousBatcher:
                 self.engine = self.engine.fresh()
 
     def _take_admissible(self) -> list[_Queued]:
+        """The oldest queued rows the engine can hold now: within `max_rows` and, for an engine with
+        a KV plan, rows whose whole decode its pools guarantee (engine.can_admit)."""
         free = self.max_rows - self.engine.active
         if not self._queue or free <= 0:
             return []
         if self.engine.active and free < min(self.admit_min_free, len(self._queue)):
             return []
-        return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        rows = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+        while rows and not self.engine.can_admit(len(rows), max(len(r.request.input_ids) for r in rows)):
+            self._queue.appendleft(rows.pop())
+        if not rows and not self.engine.active:   # the oldest row does not fit even an empty engine
+            self._refuse(self._queue.popleft())
+        return rows
+
+    def _refuse(self, queued: _Queued) -> None:
+        """Fail the batch of a row no KV plan of this engine can hold (caller holds the lock)."""
+        from decoding.errors import CapacityError
+
+        n = len(queued.request.input_ids)
+        exc = CapacityError(f"a prompt of {n} tokens needs {self.engine.row_length(n)} KV slots a row, the actor's "
+                            f"plan gives {self.engine.max_length}: shorten the prompt or give more memory "
+                            "(--kv-memory-gb)")
+        ticket = queued.ticket
+        self._queue = deque(q for q in self._queue if q.ticket is not ticket)
+        if not ticket.future.done():
+            ticket.future.set_exception(exc)
 
     def _admit(self, rows: list[_Queued]) -> None:
         t0 = time.perf_counter()

@@ -43,6 +43,12 @@ class CaptionWorker:
         device: "auto" (cuda when available), "cpu" or "cuda".
         dtype: "auto" (fp16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
         torch_threads: intra-op threads on CPU (None: leave torch's default).
+        kv_memory_gb: the KV cache's memory (GiB) on any device; None: on CUDA 90% of the memory
+            free once the weights are loaded, on a CPU no plan (the cache grows as rows need).
+            With a plan the engine's pools are allocated once and a row is admitted only when its
+            whole decode fits (decoding/capacity.py): `batch_size` is then an upper bound.
+        max_prompt_tokens: the longest prompt (image tokens included) the plan must hold; None: the
+            target's image tokens + 128.
 
     Fault drills in tests (an event log, a delay after each batch) are switched on by environment
     variables, never by arguments: see workers/drill.py.
@@ -52,7 +58,8 @@ class CaptionWorker:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
                  tree: dict | None = None, s3_endpoint: str | None = None, device: str = "auto",
                  dtype: str = "auto", torch_threads: int | None = None, seed: int | None = None,
-                 batch_size: int = 8, tree_budget: str = "off"):
+                 batch_size: int = 8, tree_budget: str = "off", kv_memory_gb: float | None = None,
+                 max_prompt_tokens: int | None = None):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -73,14 +80,18 @@ class CaptionWorker:
         self.tree = TreeConfig(**(tree or {}))
         self.decoder = SpeculativeDecoder(self.target, self.draft, tree=self.tree)
         self.id_column = id_column
-        engine = self.decoder.engine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     top_k=top_k)
-        self.seed = seed
-        # The batcher owns the engine (and replaces it with a fresh one after a model error).
-        self.batcher = ContinuousBatcher(engine, max_rows=batch_size, pad_token_id=self.pad_token_id,
-                                         torch_threads=torch_threads)
         if tree_budget not in ("auto", "off"):
             raise ValueError(f"tree_budget must be 'auto' or 'off', got {tree_budget!r}")
+        self.plan = self._plan(kv_memory_gb, max_prompt_tokens, max_new_tokens, batch_size, tree_budget)
+        plan_kwargs = {} if self.plan is None else dict(max_rows=self.plan.rows, max_length=self.plan.length,
+                                                         trees=self._trees)
+        engine = self.decoder.engine(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     top_k=top_k, **plan_kwargs)
+        self.seed = seed
+        # The batcher owns the engine (and replaces it with a fresh one after a model error).
+        rows = batch_size if self.plan is None else self.plan.rows
+        self.batcher = ContinuousBatcher(engine, max_rows=rows, pad_token_id=self.pad_token_id,
+                                         torch_threads=torch_threads)
         self.batch_size = batch_size
         self.budget_pending = tree_budget == "auto"
         self.budget = None   # the measured table (a dict) once tree_budget="auto" has run
@@ -88,6 +99,24 @@ class CaptionWorker:
         self._drill_lock = None
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
         self.drill.event("init")
+
+    def _plan(self, kv_memory_gb, max_prompt_tokens, max_new_tokens: int, batch_size: int, tree_budget: str):
+        """The KV plan (decoding/capacity.py), or None (CPU without --kv-memory-gb)."""
+        from dataclasses import replace
+
+        from decoding.budget import DEFAULT_SHAPES
+        from decoding.capacity import kv_budget, plan_for
+        from decoding.models import image_tokens_per_image
+
+        self._trees = [self.tree] + ([replace(self.tree, max_nodes=n, max_depth=d) for n, d in DEFAULT_SHAPES]
+                                     if tree_budget == "auto" else [])
+        if kv_memory_gb is None and self.device.type != "cuda":
+            return None
+        budget = int(kv_memory_gb * 2 ** 30) if kv_memory_gb is not None else kv_budget(self.device)
+        prompt = max_prompt_tokens or image_tokens_per_image(self.target) + 128
+        plan = plan_for(self.decoder, prompt, max_new_tokens, budget, max_rows=batch_size, trees=self._trees)
+        print(f"caption actor: KV plan {plan.describe()} for prompts up to {prompt} tokens", flush=True)
+        return plan
 
     def options(self) -> dict:
         o = self.batcher.engine.options

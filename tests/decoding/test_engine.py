@@ -96,8 +96,8 @@ def test_row_joins_while_others_are_at_different_depths():
 
     def record(e):
         if e.active:
-            seen["produced"] = e._rows.produced.tolist()
-            seen["last_accepted"] = [st.accepted_lengths[-1] for st in e._rows.stats if st.accepted_lengths]
+            seen["produced"] = [len(row.outputs) for row in e.rows]
+            seen["last_accepted"] = [row.stats.accepted_lengths[-1] for row in e.rows if row.stats.accepted_lengths]
 
     done = run_waves(engine, [wave_of(ids, mask, pixels, [0, 1, 2]), wave_of(ids, mask, pixels, [3]),
                               wave_of(ids, mask, pixels, [4])], [0, 3, 2], on_join=record)
@@ -241,7 +241,7 @@ def test_budget_table_switching_shapes_and_skipping_drafts_stays_exact():
     original = engine.step
 
     def watched():
-        widths.append(engine._rows.pending.shape[1])
+        widths.append(max(engine._pending_host, default=0))
         return original()
 
     engine.step = watched

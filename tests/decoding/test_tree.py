@@ -1,13 +1,11 @@
 """Unit tests of tree building, masks and positions on hand-made trees."""
 import math
+import random
 
 import pytest
 import torch
 
-from decoding.tree import (
-    DraftTree, TreeConfig, ancestor_matrix, expand_children, prune_tree, select_frontier,
-    verify_positions, verify_visibility,
-)
+from decoding.tree import NEG_INF, ROOT, DraftTree, TreeConfig, TreeLayout, prune_tree, verify_positions, verify_visibility
 from decoding.verify import greedy_accept
 
 # Hand-made tree for one row (node: token, parent):
@@ -17,27 +15,25 @@ TOKENS = torch.tensor([[10, 11, 12, 13, 14]])
 PARENTS = torch.tensor([[-1, -1, 0, 0, 2]])
 DEPTHS = torch.tensor([[1, 1, 2, 2, 3]])
 VALID = torch.ones(1, 5, dtype=torch.bool)
+ANCESTORS = {0: {0}, 1: {1}, 2: {0, 2}, 3: {0, 3}, 4: {0, 2, 4}}
+
+
+def ancestors_of(parents: list[int]) -> torch.Tensor:
+    """[1, N, N] ancestor-or-self matrix from a parent list (the closure, computed by hand)."""
+    n = len(parents)
+    anc = torch.zeros(1, n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j != ROOT:
+            anc[0, i, j] = True
+            j = parents[j]
+    return anc
 
 
 def hand_tree(scores=None) -> DraftTree:
     scores = scores if scores is not None else torch.log(torch.tensor([[0.6, 0.3, 0.4, 0.15, 0.3]]))
     return DraftTree(tokens=TOKENS, parents=PARENTS, depths=DEPTHS, scores=scores, valid=VALID,
-                     ancestors=ancestor_matrix(PARENTS, VALID, max_depth=3))
-
-
-def test_ancestor_matrix_hand_tree():
-    anc = ancestor_matrix(PARENTS, VALID, max_depth=3)[0]
-    expected = {0: {0}, 1: {1}, 2: {0, 2}, 3: {0, 3}, 4: {0, 2, 4}}
-    for i, ancestors in expected.items():
-        assert set(torch.nonzero(anc[i]).squeeze(-1).tolist()) == ancestors
-
-
-def test_ancestor_matrix_padding_sees_nothing():
-    parents = torch.tensor([[-1, 0, -1]])
-    valid = torch.tensor([[True, True, False]])
-    anc = ancestor_matrix(parents, valid, max_depth=2)[0]
-    assert not anc[2].any()
-    assert anc[1].tolist() == [True, True, False]
+                     ancestors=ancestors_of(PARENTS[0].tolist()))
 
 
 def test_verify_visibility_and_positions():
@@ -50,14 +46,6 @@ def test_verify_visibility_and_positions():
     assert vis[2].tolist() == [True, False, True, False, False, False]  # b sees root, itself
     pos = verify_positions(tree, torch.tensor([100]))
     assert pos.tolist() == [[100, 101, 101, 102, 102, 103]]
-
-
-def test_verify_visibility_padding_sees_only_itself():
-    tree = hand_tree()
-    tree.valid = torch.tensor([[True, True, True, True, False]])
-    tree.ancestors = ancestor_matrix(tree.parents, tree.valid, 3)
-    vis = verify_visibility(tree)[0]
-    assert vis[5].tolist() == [False, False, False, False, False, True]
 
 
 def test_greedy_accept_longest_matching_path():
@@ -90,55 +78,102 @@ def test_greedy_accept_child_of_rejected_node_never_accepted():
     assert acc.paths == [[1]]
 
 
-def test_expand_children_scores_and_chain():
-    lp = torch.log(torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]]))   # [B=1, F=2, V=3]
-    c = expand_children(
-        torch.tensor([[4, 7]]), torch.log(torch.tensor([[0.5, 0.25]])), torch.tensor([[True, True]]),
-        torch.tensor([[True, False]]), lp, top_k=2)
-    tok, par, score, valid, chain = c.tokens, c.parents, c.scores, c.valid, c.chain
-    assert tok.tolist() == [[0, 1, 2, 0]] or tok.tolist() == [[0, 1, 2, 1]]
-    assert par.tolist() == [[4, 4, 7, 7]]
-    assert torch.allclose(score.exp(), torch.tensor([[0.25, 0.15, 0.2, 0.025]]))
-    assert chain.tolist() == [[True, False, False, False]]
-    assert valid.all()
+def test_greedy_accept_ignores_invalid_nodes():
+    tree = hand_tree()
+    tree.valid = torch.tensor([[True, True, False, True, True]])    # c masked: e cannot be reached
+    logits = torch.zeros(1, 6, 20)
+    logits[0, 0, 10] = 5
+    logits[0, 1, 12] = 5
+    logits[0, 3, 14] = 5
+    assert greedy_accept(tree, logits, max_depth=3).paths == [[0]]
 
 
-def test_select_frontier_keeps_chain_node():
-    scores = torch.log(torch.tensor([[0.1, 0.5, 0.4, 0.3]]))
-    chain = torch.tensor([[True, False, False, False]])
-    index, valid = select_frontier(scores, torch.ones(1, 4, dtype=torch.bool), chain, width=2)
-    assert set(index[0].tolist()) == {0, 1} and valid.all()
+# A pool for top_k 2, frontier 1, depth 3 (TreeLayout): level 1 = the root's children a, b
+# (columns 0, 1); depth 2 feeds a (temp slot 0), level 2 = a's children c, d (columns 2, 3);
+# depth 3 feeds c (temp slot 1), level 3 = c's children e, f (columns 4, 5).
+POOL_TOKENS = torch.tensor([[10, 11, 12, 13, 14, 15]])
+LOW = torch.finfo(torch.float32).min
+POOL_MASKS = torch.tensor([[[LOW, LOW], [LOW, LOW], [0, LOW], [0, LOW], [0, 0], [0, 0]]])   # temp slots seen
+POOL_FRONTS = torch.tensor([[0, 0]])     # level-local column fed at depths 2 and 3: a, then c
 
 
-def test_prune_keeps_ancestors_and_best_nodes():
-    # candidate order lists parents first; node 4 (deep, high score) keeps 2 and 0
-    scores = torch.log(torch.tensor([[0.6, 0.3, 0.5, 0.1, 0.45]]))
-    chain = torch.zeros(1, 5, dtype=torch.bool)
-    tree = prune_tree(TOKENS, PARENTS, DEPTHS, scores, VALID, chain, max_nodes=3, max_depth=3)
-    assert sorted(tree.tokens[0].tolist()) == [10, 12, 14]
-    # parents re-indexed into the kept set, sorted by depth
-    assert tree.tokens[0].tolist() == [10, 12, 14]
-    assert tree.parents[0].tolist() == [-1, 0, 1]
-    assert tree.depths[0].tolist() == [1, 2, 3]
+def layout():
+    return TreeLayout.build(top_k=2, frontier=1, depth=3, vocab=100, dtype=torch.float32, device="cpu")
+
+
+def test_layout_shape():
+    lay = layout()
+    assert lay.widths == (2, 2, 2) and lay.fronts == (1, 1) and lay.candidates == 6 and lay.slots == 2
+    assert lay.depth_of.tolist() == [1, 1, 2, 2, 3, 3]
+    assert lay.parent_slot.tolist() == [ROOT, ROOT, 0, 0, 1, 1]
+    assert lay.chain_bias.nonzero().squeeze(-1).tolist() == [0, 2, 4]      # column 0 of every level
+
+
+def test_prune_keeps_chain_then_best_nodes_with_their_ancestors():
+    scores = torch.log(torch.tensor([[0.6, 0.3, 0.5, 0.1, 0.45, 0.05]]))
+    tree = prune_tree(layout(), POOL_TOKENS, scores, POOL_MASKS, POOL_FRONTS, max_nodes=4)
+    assert tree.tokens[0].tolist() == [10, 11, 12, 14]        # chain a, c, e, then b; in pool (depth) order
+    assert tree.parents[0].tolist() == [ROOT, ROOT, 0, 2]
+    assert tree.depths[0].tolist() == [1, 1, 2, 3]
+    assert torch.equal(tree.ancestors, ancestors_of([ROOT, ROOT, 0, 2]))
+    assert tree.rank[0].tolist() == [0, 3, 1, 2] and tree.valid.all()
 
 
 def test_prune_tie_keeps_parent_before_child():
     # a child with exactly its parent's score (probability 1.0) must not displace the parent
-    scores = torch.tensor([[-1.0, -3.0, -1.0, -4.0, -1.0]])
-    chain = torch.zeros(1, 5, dtype=torch.bool)
-    tree = prune_tree(TOKENS, PARENTS, DEPTHS, scores, VALID, chain, max_nodes=2, max_depth=3)
-    assert tree.tokens[0].tolist() == [10, 12]
+    scores = torch.tensor([[-1.0, -3.0, -3.0, -4.0, -3.0, -5.0]])
+    lay = layout()
+    lay.chain_bias.zero_()                      # rank by score alone: ties decide
+    tree = prune_tree(lay, POOL_TOKENS, scores, POOL_MASKS, POOL_FRONTS, max_nodes=3)
+    assert tree.tokens[0].tolist() == [10, 11, 12]    # b (depth 1) before c and e of the same score
 
 
-def test_prune_pads_rows_with_fewer_candidates():
-    tokens = torch.tensor([[10, 11, 12], [20, 21, 22]])
-    parents = torch.tensor([[-1, -1, 0], [-1, -1, -1]])
-    depths = torch.tensor([[1, 1, 2], [1, 1, 1]])
-    valid = torch.tensor([[True, True, True], [True, False, False]])
-    scores = torch.log(torch.tensor([[0.5, 0.4, 0.3], [0.9, 0.05, 0.05]]))
-    tree = prune_tree(tokens, parents, depths, scores, valid, torch.zeros_like(valid), 3, 2)
-    assert tree.valid[1].tolist() == [True, False, False]
-    assert tree.num_nodes.tolist() == [3, 1]
+def test_prune_keeps_a_fixed_node_count_with_invalid_nodes_masked():
+    scores = torch.tensor([[-0.1, -2.0, NEG_INF, NEG_INF, NEG_INF, NEG_INF]])
+    tree = prune_tree(layout(), POOL_TOKENS, scores, POOL_MASKS, POOL_FRONTS, max_nodes=5)
+    assert tree.tokens.shape == (1, 5) and tree.valid[0].tolist() == [True, True, False, False, False]
+    assert tree.num_nodes.tolist() == [2]
+    # every node, valid or not, sees itself (no empty attention row in the verify)
+    assert tree.ancestors[0].diagonal().all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drafted_trees_are_trees(seed):
+    """Trees the drafter grows on a real (tiny) draft: every valid node's parent is a kept valid
+    node one depth up, `ancestors` is the closure of `parents`, ranks are distinct."""
+    from decoding import SpeculativeDecoder
+    from tests.decoding.test_greedy_lossless import draft_model, target_model
+    from tests.helpers import random_batch
+
+    rng = random.Random(seed)
+    target = target_model("llama", "default", seed % 4)
+    draft = draft_model(["perturbed", "random"][seed % 2], "llama", "default", seed % 4)
+    cfg = TreeConfig(top_k=rng.randint(1, 4), frontier=rng.randint(1, 4), max_depth=rng.randint(1, 5),
+                     max_nodes=rng.randint(1, 30), threshold=rng.choice([0.0, 0.1]))
+    decoder = SpeculativeDecoder(target, draft, cfg)
+    trees = []
+    decoder.step_observer = lambda tree, acc: trees.append(tree)
+    decoder.generate(*random_batch(target, 3, seed=seed), max_new_tokens=8, eos_token_id=[])
+    assert trees
+    for tree in trees:
+        B, N = tree.tokens.shape
+        assert N <= cfg.max_nodes
+        if N == 0:          # the last token of a row: no drafting
+            continue
+        for b in range(B):
+            parents, depths, valid = tree.parents[b].tolist(), tree.depths[b].tolist(), tree.valid[b].tolist()
+            assert sorted(tree.rank[b].tolist()) == sorted(set(tree.rank[b].tolist()))
+            for i in range(N):
+                if not valid[i]:
+                    continue
+                p = parents[i]
+                assert (depths[i] == 1) == (p == ROOT)
+                if p != ROOT:
+                    assert p < i and valid[p] and depths[p] == depths[i] - 1
+            closure = ancestors_of(parents)[0]
+            for i in range(N):
+                if valid[i]:
+                    assert tree.ancestors[b, i].tolist() == closure[i].tolist()
 
 
 @pytest.mark.parametrize("kwargs", [dict(top_k=0), dict(frontier=-1), dict(max_depth=1.5),
