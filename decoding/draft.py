@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from . import models
-from .kvpool import KVPool, _arange
+from .consts import arange
+from .kvpool import KVPool, float_mask
 from .lean import supports_lean
 from .tree import NEG_INF, DraftTree, TreeConfig, TreeLayout, prune_tree
 
@@ -63,17 +64,19 @@ class TreeDrafter:
         B, P = pending.shape
         device = pending.device
         head = pool.head(rows)
-        causal = self._causal.get((P, str(device)))
-        if causal is None:
-            causal = self._causal[(P, str(device))] = torch.tril(torch.ones(P, P, dtype=torch.bool, device=device))
-        positions = pool.lengths[:rows, None] + _arange(P, device)
+        causal = self._causal.get(str(device))
+        if causal is None or causal.shape[0] < P:   # float, built once: block_mask takes it as is
+            allowed = torch.tril(torch.ones(max(P, 32), max(P, 32), dtype=torch.bool, device=device))
+            causal = self._causal[str(device)] = float_mask(allowed, self.dtype)
+        causal = causal[:P, :P]
+        positions = pool.lengths[:rows, None] + arange(P, device)
         if self.clamp_ids:
             pending = torch.where(pending < self.embeddings, pending, 0)
         mask = pool.block_mask(rows, head, causal.expand(B, P, P), self.dtype, positions, positions)
         last = (pending_len - 1).clamp_(min=0)
         logits = models.model_forward(self.model, pool.begin(rows, head), pending, positions, mask, self.lean,
                                       keep=last)
-        pool.commit(rows, head, _arange(P, device).expand(B, P), pending_len)
+        pool.commit(rows, head, arange(P, device).expand(B, P), pending_len)
         pool.advance_host(rows, pending_host)
         return logits[:, 0]
 
@@ -94,6 +97,9 @@ class TreeDrafter:
         head = pool.head(rows)
         committed = pool.committed_mask(rows, head, self.dtype)                # [B, 1, head], all depths
         log_thr = math.log(cfg.threshold) if cfg.threshold > 0 else None
+        # The root sits at lengths - 1 (the last pending token); a node at depth j at root + j,
+        # so the frontier fed at depth i + 2 (nodes of depth i + 1) sits at lengths + i.
+        tree_pos = pool.lengths[:rows, None] + arange(max(1, len(lay.fronts)), device)          # [B, D-1]
         for i, F in enumerate(lay.fronts):                                     # depth d = i + 2
             start, off = lay.level_start[i], lay.slot_start[i]
             top, front = (scores + lay.chain_bias[start: start + scores.shape[1]]).topk(F, dim=-1)   # [B, F]
@@ -103,8 +109,7 @@ class TreeDrafter:
             front_tok = tokens.gather(1, front)
             front_mask = torch.maximum(mask_level.gather(1, front.unsqueeze(-1).expand(B, F, T)), lay.own[i])
             mask = torch.cat([committed.expand(B, F, head), front_mask[..., : off + F]], dim=-1).unsqueeze(1)
-            # The root sits at lengths - 1 (the last pending token); a node at depth j at root + j.
-            positions = (pool.lengths[:rows, None] + i).expand(B, F)
+            positions = tree_pos[:, i: i + 1].expand(B, F)
             if pool.window is not None:
                 mask = pool.windowed(mask, head, positions, pool.lengths[:rows, None] + lay.slot_level[: off + F])
             logits = models.model_forward(self.model, pool.begin(rows, head + off), front_tok, positions, mask,
@@ -112,7 +117,7 @@ class TreeDrafter:
             child_lp, child_tok = self._logprobs(logits, temperature).topk(lay.top_k, dim=-1)   # [B, F, K]
             scores = (front_score.unsqueeze(-1) + child_lp).view(B, -1)
             tokens = child_tok.view(B, -1)
-            mask_level = front_mask.unsqueeze(2).expand(B, F, lay.top_k, T).reshape(B, -1, T)
+            mask_level = front_mask.index_select(1, lay.child_parent[i])        # children inherit their parent's
             levels_tok.append(tokens)
             levels_score.append(scores)
             levels_mask.append(mask_level)

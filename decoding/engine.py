@@ -42,7 +42,8 @@ from torch import Tensor
 from . import models
 from .capacity import PENDING_CAP, tree_room
 from .errors import CapacityError, InputError
-from .kvpool import KVPool, KVShape, _arange
+from .consts import arange
+from .kvpool import KVPool, KVShape
 from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
 from .tree import DraftTree, verify_positions, verify_visibility
@@ -364,7 +365,7 @@ class SpeculativeEngine:
         else:
             acc = greedy_accept(tree, logits, max(depth, 0))
         count = (acc.length + 1) * st.active[:B]                                 # [B] tokens each row gains
-        src = torch.cat([_zero_column(B, self.device), acc.nodes + 1], dim=1)    # root, then the path's slots
+        src = acc.slots if acc.slots is not None else _zero_column(B, self.device)   # root, then the path
         self._tpool.commit(B, head, src, count)
         # The one host read of the step: lengths, node counts and tokens of every row.
         host = torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1).tolist()
@@ -374,7 +375,7 @@ class SpeculativeEngine:
             st.pending_len[:B] = count
             self._pending_host[:B] = [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)]
         else:                        # nothing fed (or the backlog just fed): append to what the draft has not seen
-            index = st.pending_len[:B, None] + _arange(acc.tokens.shape[1], self.device)
+            index = st.pending_len[:B, None] + arange(acc.tokens.shape[1], self.device)
             st.pending[:B].scatter_(1, index, acc.tokens)
             st.pending_len[:B] += count
             self._pending_host[:B] = [p + ((h[0] + 1) if rows[b] is not None else 0)
@@ -430,7 +431,7 @@ def _finished(row: _Row) -> FinishedRow:
 
 
 def _zero_column(rows: int, device) -> Tensor:
-    return _arange(1, device).expand(rows, 1)
+    return arange(1, device).expand(rows, 1)
 
 
 def _extend(out: list[int], tokens: list[int], opts: SamplingOptions) -> int | None:

@@ -32,6 +32,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .consts import arange
+
 
 @dataclass(frozen=True)
 class KVShape:
@@ -180,7 +182,7 @@ class KVPool:
         """`mask` [B, 1, Q, head + K] with keys `window` or more positions behind a query hidden (a
         committed slot j holds position j); a dict by layer kind when full and sliding layers mix."""
         B = query_pos.shape[0]
-        key_pos = torch.cat([_arange(head, self.device).expand(B, head), block_pos], dim=-1)        # [B, head + K]
+        key_pos = torch.cat([arange(head, self.device).expand(B, head), block_pos], dim=-1)        # [B, head + K]
         far = (query_pos.unsqueeze(-1) - key_pos.unsqueeze(1)) >= self.window                     # [B, Q, head + K]
         windowed = mask.masked_fill(far.unsqueeze(1), torch.finfo(mask.dtype).min)
         if self.layer_kinds is None:
@@ -189,7 +191,7 @@ class KVPool:
 
     def committed_mask(self, rows: int, head: int, dtype: torch.dtype) -> Tensor:
         """[B, 1, head] float: 0 on a row's committed token slots, dtype-min on the rest."""
-        seen = _arange(head, self.device) < self.lengths[:rows, None]
+        seen = arange(head, self.device) < self.lengths[:rows, None]
         return float_mask(seen, dtype).unsqueeze(1)
 
     def commit(self, rows: int, head: int, src: Tensor, count: Tensor) -> None:
@@ -201,7 +203,7 @@ class KVPool:
         B, A = src.shape
         kv = self.kv[:, :rows]
         n, _, H, _, d = kv.shape
-        dst = self.lengths[:rows, None] + _arange(A, self.device)                     # [B, A]
+        dst = self.lengths[:rows, None] + arange(A, self.device)                     # [B, A]
         moved = kv.gather(3, (src + head).view(1, B, 1, A, 1).expand(n, B, H, A, d))
         kv.scatter_(3, dst.view(1, B, 1, A, 1).expand(n, B, H, A, d), moved)
         self.lengths[:rows] += count
@@ -214,7 +216,7 @@ class KVPool:
         tokens per row; lengths: tokens per row (host ints). Only those rows' slots are written."""
         n, _, T, _ = layers_kv[0][0].shape
         stacked = torch.stack([t for kv in layers_kv for t in kv])                    # [2*layers, n, H, T, d]
-        index = (pad[:, None] + _arange(T, self.device)).clamp_(max=T - 1)          # [n, T]
+        index = (pad[:, None] + arange(T, self.device)).clamp_(max=T - 1)          # [n, T]
         shifted = stacked.gather(3, index.view(1, n, 1, T, 1).expand_as(stacked))
         self.kv[:, slots, :, :T] = shifted
         self.lengths[slots] = torch.tensor(lengths, dtype=torch.long, device=self.device)
@@ -234,23 +236,14 @@ class KVPool:
             self.host_lengths[b] += counts[b]
 
 
-_ARANGE: dict = {}
+_MASK_VALUES: dict = {}
 
 
 def float_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """bool -> float additive mask (0 where allowed, dtype-min elsewhere), in one op."""
     key = ("mask", dtype, str(allowed.device))
-    pair = _ARANGE.get(key)
+    pair = _MASK_VALUES.get(key)
     if pair is None:
-        pair = _ARANGE[key] = (torch.zeros((), dtype=dtype, device=allowed.device),
+        pair = _MASK_VALUES[key] = (torch.zeros((), dtype=dtype, device=allowed.device),
                                torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
     return torch.where(allowed, *pair)
-
-
-def _arange(n: int, device) -> Tensor:
-    """A cached arange (a constant: no op per call)."""
-    key = (n, str(device))
-    t = _ARANGE.get(key)
-    if t is None:
-        t = _ARANGE[key] = torch.arange(n, device=device)
-    return t

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .consts import arange, eye, first_true
+
 NEG_INF = float("-inf")
 ROOT = -1      # parent index of a depth-1 node: the root is the last accepted token, not a node
 NO_NODE = -1   # padding in node-index tensors (e.g. an accepted path shorter than its row of the batch)
@@ -104,6 +106,7 @@ class TreeLayout:
     front_offset: Tensor           # [T] long: level_start of the level each temp slot's node comes from
     slot_level: Tensor             # [T] long: depth - 2 of the depth each temp slot is fed at
     own: tuple[Tensor, ...]        # per depth 2..D: [F_d, T] float, 0 on the node's own slot, min elsewhere
+    child_parent: tuple[Tensor, ...]  # per depth 2..D: [F_d * K] long, the frontier node of each child column
     empty: Tensor                  # [1, K, T] float min: level 1 has no ancestor among temp slots
 
     @property
@@ -144,6 +147,7 @@ class TreeLayout:
                    slot_start=tuple(slot_start), chain_bias=chain_bias.to(device), depth_of=depth_of.to(device),
                    parent_slot=parent_slot.to(device), front_offset=front_offset.to(device),
                    slot_level=slot_level.to(device), own=tuple(own),
+                   child_parent=tuple(torch.arange(f, device=device).repeat_interleave(k) for f in fronts),
                    empty=torch.full((1, k, T), low, dtype=dtype, device=device))
 
 
@@ -177,26 +181,13 @@ def prune_tree(layout: TreeLayout, tokens: Tensor, scores: Tensor, masks: Tensor
         slot_node = fronts + layout.front_offset                               # [B, T] pool column per temp slot
         place = torch.searchsorted(keep, slot_node)                             # [B, T] its place in `keep`
         held = keep.gather(1, place.clamp(max=n - 1)) == slot_node            # [B, T] that node was kept
-        holds = (place.unsqueeze(1) == _arange(n, tokens.device).view(1, n, 1)) & held.unsqueeze(1)  # [B, n, T]
-        ancestors = (sees_slot.unsqueeze(2) & holds.unsqueeze(1)).any(-1) | _eye(n, tokens.device)
+        holds = (place.unsqueeze(1) == arange(n, tokens.device).view(1, n, 1)) & held.unsqueeze(1)  # [B, n, T]
+        ancestors = (sees_slot.unsqueeze(2) & holds.unsqueeze(1)).any(-1) | eye(n, tokens.device)
         pslot = layout.parent_slot[keep]
         parents = torch.where(pslot >= 0, place.gather(1, pslot.clamp(min=0)), ROOT)
     return DraftTree(tokens=tokens.gather(1, keep), parents=parents, depths=depths, scores=kept_scores,
                      valid=kept_scores > NEG_INF, ancestors=ancestors, rank=rank)
 
-
-def _arange(n: int, device) -> Tensor:
-    key = ("arange", n, str(device))
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.arange(n, device=device)
-    return _CONSTANTS[key]
-
-
-def _eye(n: int, device) -> Tensor:
-    key = ("eye", n, str(device))
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.eye(n, dtype=torch.bool, device=device)
-    return _CONSTANTS[key]
 
 def verify_visibility(tree: DraftTree) -> Tensor:
     """Which tree slots each verify query may see.  Returns [B, 1+N, 1+N] bool.
@@ -205,22 +196,9 @@ def verify_visibility(tree: DraftTree) -> Tensor:
     node sees the root and its ancestors-or-self (a padding node's only ancestor is itself, so no
     attention row is empty; what it computes is never used)."""
     B, N = tree.tokens.shape
-    root_row = _first_column(N + 1, tree.tokens.device).view(1, 1, N + 1).expand(B, 1, N + 1)
-    sees_root = _first_column(1, tree.tokens.device).view(1, 1, 1).expand(B, N, 1)
+    root_row = first_true(N + 1, tree.tokens.device).view(1, 1, N + 1).expand(B, 1, N + 1)
+    sees_root = first_true(1, tree.tokens.device).view(1, 1, 1).expand(B, N, 1)
     return torch.cat([root_row, torch.cat([sees_root, tree.ancestors], dim=-1)], dim=1)
-
-
-_CONSTANTS: dict = {}
-
-
-def _first_column(n: int, device) -> Tensor:
-    """[n] bool constant: True, then False (cached)."""
-    key = ("first", n, str(device))
-    if key not in _CONSTANTS:
-        t = torch.zeros(n, dtype=torch.bool, device=device)
-        t[0] = True
-        _CONSTANTS[key] = t
-    return _CONSTANTS[key]
 
 
 def verify_positions(tree: DraftTree, lengths: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from .consts import arange
 from .tree import NO_NODE, DraftTree
 
 
@@ -43,14 +44,18 @@ class Acceptance:
 
     length: [B] accepted nodes (bonus excluded).
     nodes:  [B, A] node index of the accepted path in root-to-leaf order, NO_NODE past `length`.
-    tokens: [B, A + 1] the step's new tokens: the path's tokens, then the bonus at `length`.
+    tokens: [B, A + 1] the step's new tokens: the path's tokens, then the bonus at `length`
+            (zeros after it).
     bonus:  [B] the target's token after the last accepted node.
+    slots:  [B, A + 1] verify slots of the root and the path (slot i+1 = node i; 0 past the path),
+            what the target cache keeps (kvpool.KVPool.commit).
     """
 
     length: Tensor
     nodes: Tensor
     tokens: Tensor
     bonus: Tensor
+    slots: Tensor | None = None
 
     @property
     def paths(self) -> list[list[int]]:
@@ -101,35 +106,31 @@ def accept(tree: DraftTree, choice: Tensor, max_depth: int) -> Acceptance:
 
     choice: [B, 1+N] the target's pick at the root (slot 0) and at every node (slot i+1).
     max_depth: the tree's depth bound this step (A; 0 for an empty tree).
+    A fixed sequence of tensor ops (no host read); nodes must be stored parents first.
     """
     B, N = tree.tokens.shape
     device = choice.device
-    A = max_depth if N else 0
     if N == 0:
         bonus = choice[:, 0]
         return Acceptance(length=torch.zeros(B, dtype=torch.long, device=device),
                           nodes=torch.full((B, 0), NO_NODE, dtype=torch.long, device=device),
                           tokens=bonus.unsqueeze(1), bonus=bonus)
-    parent_slot = tree.parents + 1                                         # root -> slot 0
-    match = tree.valid & (tree.tokens == choice.gather(1, parent_slot))   # [B, N]
+    A = max_depth
+    match = (tree.tokens == choice.gather(1, tree.parents + 1)) & tree.valid   # [B, N] (ROOT -> slot 0)
     # A node is on the accepted path iff it and all its ancestors match.
-    ok = tree.valid & ~(tree.ancestors & ~match.unsqueeze(1)).any(-1)     # [B, N]
-    depth_ok = torch.where(ok, tree.depths, torch.zeros_like(tree.depths))
-    length, best = depth_ok.max(-1)                                        # [B]
-    last_slot = torch.where(length > 0, best + 1, torch.zeros_like(best))
-    bonus = choice.gather(1, last_slot.unsqueeze(-1)).squeeze(-1)
-    # Nodes are stored parents first (sorted by depth), so the path's nodes in index order are
-    # its root-to-leaf order: scatter them to columns 0..length-1.
-    on_path = tree.ancestors[torch.arange(B, device=device), best] & (length > 0).unsqueeze(1)   # [B, N]
-    column = torch.where(on_path, on_path.long().cumsum(-1) - 1, torch.full_like(best, A).unsqueeze(1))
-    node_index = torch.arange(N, device=device).expand(B, N)
-    nodes = torch.full((B, A + 1), NO_NODE, dtype=torch.long, device=device)
-    nodes.scatter_(1, column, torch.where(on_path, node_index, NO_NODE))
-    nodes = nodes[:, :A]
-    path_tokens = tree.tokens.gather(1, nodes.clamp(min=0)).masked_fill(nodes == NO_NODE, 0)
-    tokens = torch.cat([path_tokens, torch.zeros_like(bonus).unsqueeze(1)], dim=1)
-    tokens.scatter_(1, length.unsqueeze(1), bonus.unsqueeze(1))
-    return Acceptance(length=length, nodes=nodes, tokens=tokens, bonus=bonus)
+    ok = (match.unsqueeze(1) | ~tree.ancestors).all(-1)                      # [B, N]
+    length, best = (tree.depths * ok).max(-1)                                 # [B] deepest accepted node
+    # The path: best's ancestors-or-self (none when length is 0: then best is not ok), one per depth.
+    on_path = tree.ancestors.gather(1, best.view(B, 1, 1).expand(B, 1, N)).squeeze(1) & ok   # [B, N]
+    column = torch.where(on_path, tree.depths, A + 2)                          # depth d -> column d; A+2: dropped
+    path = torch.full((B, A + 3), NO_NODE, dtype=torch.long, device=device)
+    path.scatter_(1, column, arange(N, device).expand(B, N))                  # column 0: the root (NO_NODE)
+    bonus = choice.gather(1, ((best + 1) * (length > 0)).unsqueeze(1)).squeeze(1)
+    tokens = torch.zeros(B, A + 3, dtype=torch.long, device=device)
+    tokens.scatter_(1, column, tree.tokens)                                     # path tokens at depth d -> column d
+    tokens.scatter_(1, (length + 1).unsqueeze(1), bonus.unsqueeze(1))
+    return Acceptance(length=length, nodes=path[:, 1: A + 1], tokens=tokens[:, 1: A + 2], bonus=bonus,
+                      slots=path[:, : A + 1] + 1)
 
 
 def greedy_accept(tree: DraftTree, logits: Tensor, max_depth: int | None = None) -> Acceptance:

@@ -178,8 +178,8 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
                    "measures on its device which tree (or no drafting) is fastest at each active batch size up to "
                    "--batch-size, before its first batch; off: the --tree-* shape at every step (default auto)")
     p.add_argument("--tree-threshold", type=number(float, 0.0, 1.0, high_open=True),
-                   help="drop children below this draft probability "
-                   "(default 0.05)")
+                   help="do not expand frontier nodes below this draft path probability (the greedy chain "
+                   "always is); saves no draft work, since every depth is drafted (default 0 = off)")
     add_progress_argument(p)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs (Ray Data, workers) on the "
                    "console; otherwise they stay in Ray's session logs")

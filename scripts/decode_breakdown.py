@@ -25,8 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import decoding.draft  # noqa: E402
-import decoding.engine  # noqa: E402
+import decoding.models  # noqa: E402
 from decoding import SpeculativeDecoder, TreeConfig  # noqa: E402
 
 SHAPES = {"none": None, "chain": TreeConfig(max_nodes=4, max_depth=4, frontier=1, top_k=1),
@@ -54,7 +53,7 @@ def main() -> int:
     text, images = make_inputs(processor, max(sizes))
 
     forward_s = [0.0]
-    original = decoding.engine.forward_block
+    original = decoding.models.model_forward
 
     def timed_forward(*a, **kw):
         sync(device)
@@ -64,8 +63,7 @@ def main() -> int:
         forward_s[0] += time.perf_counter() - t0
         return out
 
-    decoding.engine.forward_block = timed_forward
-    decoding.draft.forward_block = timed_forward
+    decoding.models.model_forward = timed_forward   # every model forward of a step goes through it
     decoder = SpeculativeDecoder(target, draft)
     # --compare-lean-target: every shape also runs with the transformers verify, alternating rounds
     variants = [("", decoder.lean_target)] + ([("/transformers_verify", False)] if args.compare_lean_target else [])

@@ -35,3 +35,18 @@ def test_batch_budget_estimate_agrees_with_the_full_tree():
     assert taus["24"]["per_row"] == taus["24"]["batch_wide"] == report["full_tree_tau"]
     for policy in ("per_row", "batch_wide"):
         assert 1.0 <= taus["1"][policy] <= taus["2"][policy] <= taus["24"][policy]
+
+
+def test_step_profile_counts_one_sync_per_step_and_splits_the_forwards():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "step_profile.py"), "--pairs", "tiny",
+                          "--batch-sizes", "1,3", "--shapes", "none,4x3", "--steps", "2", "--threads", "1",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["by_pair"]["tiny"]
+    assert set(rows) == {"1/none", "1/4x3", "3/none", "3/4x3"}
+    for key, row in rows.items():
+        assert row["syncs_per_step"] == 1, (key, row)
+        assert row["verify_forward"]["forwards"] == 1 and row["other"]["ops"] > 0 and row["step_ms"] > 0
+    assert rows["3/4x3"]["draft_forward"]["forwards"] == 3 and rows["3/none"]["draft_forward"]["forwards"] == 0
+    # the counts do not depend on the batch size (the same ops run for 1 row as for 3)
+    assert rows["1/4x3"]["other"]["ops"] == rows["3/4x3"]["other"]["ops"]
