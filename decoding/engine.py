@@ -14,9 +14,9 @@ One step for the active rows:
 The draft cache only ever holds accepted tokens, so it needs no rollback: next step's draft
 forward starts with the tokens it has not seen yet ("pending").
 
-KV: both models' caches are slot pools (kvpool.py). A row takes a free slot when it joins and
-keeps it until it finishes; a finish frees the slot and nothing else moves. A step runs over the
-slot range [0, B) that holds every active row (free slots inside it are masked and gain nothing).
+KV: both models' caches are slot pools (kvpool.py), allocated once. A row takes a free slot when
+it joins; a finish frees the slot, and rows above a freed slot move down into it (only their own
+tokens are copied), so the active rows are always the slots [0, B) a step runs over.
 The step issues a fixed sequence of ops for a given tree shape and reads the device once, at
 the end (the accepted tokens, counts and node counts together); every length the host needs
 (block heads, pending widths) it already knows from earlier reads.
@@ -95,8 +95,8 @@ class FinishedRow:
 
 @dataclass
 class StepResult:
-    """What one `step()` did. Timings are host wall seconds; on CUDA the device is synchronised
-    around the phases only when `engine.timed` is set (otherwise they time the launches)."""
+    """What one `step()` did. draft_s / verify_s: the phases' seconds (CUDA events on a GPU, read
+    after the step's one host read, so timing adds no sync; host clocks on a CPU)."""
 
     rows: int                                   # active rows in the step
     accepted: list[int]                         # tokens each row gained (bonus included, cut at EOS)
@@ -154,7 +154,6 @@ class SpeculativeEngine:
         self._slots: list[_Row | None] = []
         self._state: _SlotState | None = None
         self._pending_host: list[int] = []      # pending_len per slot, on the host
-        self.timed = False                      # synchronise the device around phases for exact timings
         # The tree of a step, from the number of active rows: the decoder's budget table when it
         # has one (budget.py; None there = a plain target step, no drafting), else its TreeConfig.
         budget = getattr(decoder, "budget", None)
@@ -334,8 +333,7 @@ class SpeculativeEngine:
         depth = min(shape.max_depth, remaining - 1) if shape is not None else 0
         P = max(self._pending_host[:B])
 
-        self._sync()
-        t0 = time.perf_counter()
+        timer = _PhaseTimer(self.device)
         n_draft = 0
         if depth >= 1:
             self._room(self._dpool, B, P + depth * shape.frontier)
@@ -350,8 +348,7 @@ class SpeculativeEngine:
                 st.pending_len[:B] = 0
                 self._pending_host[:B] = [0] * B
                 P, n_draft = 0, 1
-        self._sync()
-        t1 = time.perf_counter()
+        timer.mark()
         Q = 1 + tree.tokens.shape[1]
         head = self._room(self._tpool, B, Q)
         tokens = torch.cat([st.last[:B, None], tree.tokens], dim=1)
@@ -367,23 +364,25 @@ class SpeculativeEngine:
         count = (acc.length + 1) * st.active[:B]                                 # [B] tokens each row gains
         src = acc.slots if acc.slots is not None else _zero_column(B, self.device)   # root, then the path
         self._tpool.commit(B, head, src, count)
-        # The one host read of the step: lengths, node counts and tokens of every row.
-        host = torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1).tolist()
-        self._tpool.advance_host(B, [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)])
         if depth >= 1:               # the draft saw every pending token: the step's tokens are the new backlog
             st.pending[:B, : acc.tokens.shape[1]] = acc.tokens
             st.pending_len[:B] = count
-            self._pending_host[:B] = [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)]
         else:                        # nothing fed (or the backlog just fed): append to what the draft has not seen
             index = st.pending_len[:B, None] + arange(acc.tokens.shape[1], self.device)
             st.pending[:B].scatter_(1, index, acc.tokens)
             st.pending_len[:B] += count
-            self._pending_host[:B] = [p + ((h[0] + 1) if rows[b] is not None else 0)
-                                      for b, (p, h) in enumerate(zip(self._pending_host[:B], host))]
         st.last[:B] = acc.bonus
         st.produced[:B] += acc.length + 1
-        self._sync()
-        t2 = time.perf_counter()
+        timer.mark()
+        # The one host read of the step: lengths, node counts and tokens of every row.
+        host = read_host(torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1))
+        gained = [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)]
+        self._tpool.advance_host(B, gained)
+        if depth >= 1:
+            self._pending_host[:B] = gained
+        else:
+            self._pending_host[:B] = [p + g for p, g in zip(self._pending_host[:B], gained)]
+        draft_s, verify_s = timer.seconds()
         if self.step_observer is not None:
             self.step_observer(tree, acc)
 
@@ -397,17 +396,47 @@ class SpeculativeEngine:
             rs.target_forwards += 1
             rs.draft_forwards += n_draft
             rs.tree_nodes.append(n_nodes)
-            rs.draft_s += t1 - t0
-            rs.verify_s += t2 - t1
+            rs.draft_s += draft_s
+            rs.verify_s += verify_s
             accepted.append(rs.accepted_lengths[-1])
             if kept is not None:
                 finished.append(b)
         result = StepResult(rows=len(occupied), accepted=accepted, nodes=sum(host[b][1] for b in occupied),
-                            draft_forwards=n_draft, draft_s=t1 - t0, verify_s=t2 - t1)
+                            draft_forwards=n_draft, draft_s=draft_s, verify_s=verify_s)
         if finished:
             result.finished = [_finished(rows[b]) for b in finished]
             self._release(finished)
+            self._condense()
         return result
+
+    def _condense(self) -> None:
+        """Keep the occupied slots a prefix: move the highest rows into slots freed below them.
+
+        A step runs over slots [0, highest occupied + 1), so without this a batch whose rows finish
+        out of order would keep computing finished rows' slots until its last row is done. Only the
+        moved rows' tokens are copied (as vLLM's persistent batch condenses), never the pool."""
+        free = [s for s, row in enumerate(self._slots) if row is None]
+        used = [s for s, row in enumerate(self._slots) if row is not None]
+        src, dst = [], []
+        while free and used and free[0] < used[-1]:
+            dst.append(free.pop(0))
+            src.append(used.pop())
+        if not src:
+            return
+        self._tpool.move(src, dst)
+        self._dpool.move(src, dst)
+        si = torch.tensor(src, dtype=torch.long, device=self.device)
+        di = torch.tensor(dst, dtype=torch.long, device=self.device)
+        st = self._state
+        for name in ("last", "pending", "pending_len", "produced", "active", "uniforms"):
+            t = getattr(st, name)
+            if t is not None:
+                t[di] = t[si]
+        st.active[si] = 0
+        st.pending_len[si] = 0
+        for s, d in zip(src, dst):
+            self._slots[d], self._slots[s] = self._slots[s], None
+            self._pending_host[d], self._pending_host[s] = self._pending_host[s], 0
 
     def _release(self, slots: list[int]) -> None:
         """Free finished rows' slots: nothing is copied, the slots just stop counting."""
@@ -420,9 +449,49 @@ class SpeculativeEngine:
             self._slots[s] = None
             self._pending_host[s] = 0
 
-    def _sync(self) -> None:
-        if self.timed and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+class _PhaseTimer:
+    """Draft and verify seconds of a step without a sync of their own: CUDA events read after the
+    step's host read (which waits for them anyway), host clocks elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> tuple[float, float]:
+        """(draft, verify) — call after the step's host read."""
+        a, b, c = self.marks
+        if self.cuda:
+            return a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3
+        return b - a, c - b
+
+
+_PINNED: dict = {}
+
+
+def read_host(t: Tensor) -> list:
+    """The step's one device->host read, as lists. On CUDA through a pinned buffer, non-blocking,
+    then one wait for that copy (not for the whole device)."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    key = (tuple(t.shape), t.dtype)
+    buf = _PINNED.get(key)
+    if buf is None:
+        buf = _PINNED[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return buf.tolist()
 
 
 def _finished(row: _Row) -> FinishedRow:

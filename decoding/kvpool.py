@@ -2,10 +2,11 @@
 
 Layout. One buffer per model holds every layer's keys and values, `[2 * layers, R, H, L, d]`
 (R row slots of L token slots each; entry 2i is layer i's keys, 2i+1 its values). A row gets a
-slot when it joins and keeps it until it finishes; its committed tokens sit at token slots
-`[0, lengths[r])`, token slot p holding position p (prompts are stored left-aligned: no padding,
-no holes). Nothing is ever compacted: a finish frees the slot, a join writes the new row's prompt
-into a free slot, and no other row's data moves.
+free slot when it joins; its committed tokens sit at token slots `[0, lengths[r])`, token slot p
+holding position p (prompts are stored left-aligned: no padding, no holes). The buffer is never
+reallocated or compacted as a whole: a finish frees the slot, a join writes the new row's prompt
+into a free slot, and when rows finish below others the engine moves the highest rows down into
+the freed slots (`move`: those rows' tokens only), so the occupied slots stay a prefix.
 
 A forward over the rows `[0, rows)` writes its Q new tokens as a *block* at token slots
 `[head, head + Q)`, the same for every row, with head = the longest committed row (the host knows
@@ -16,9 +17,8 @@ to the end of its own committed tokens, in one gather and one scatter over the s
 (not per layer): bytes moved are proportional to the tokens accepted, and a row's length grows
 by exactly what it accepted.
 
-Reads stop at `head + Q`, the active rows' longest length plus the block, never the pool's L.
-Rows past the active range are not touched; free slots inside it ride along masked (their
-length is 0, their block sees only itself) so that a step's batch is one slice of the buffer.
+Reads stop at `head + Q`, the active rows' longest length plus the block, never the pool's L,
+and rows past the occupied prefix are not touched: a step's batch is one slice of the buffer.
 
 Dimensions: R row slots, L token slots per row, B rows in a forward (a prefix of the slots),
 Q block tokens, A block slots committed per row.
@@ -222,6 +222,17 @@ class KVPool:
         self.lengths[slots] = torch.tensor(lengths, dtype=torch.long, device=self.device)
         for s, length in zip(slots.tolist(), lengths):
             self.host_lengths[s] = length
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Move rows `src` into free slots `dst` (their tokens only: rows x their length are copied)."""
+        n = max(self.host_lengths[s] for s in src)
+        si = torch.tensor(src, dtype=torch.long, device=self.device)
+        di = torch.tensor(dst, dtype=torch.long, device=self.device)
+        self.kv[:, di, :, :n] = self.kv[:, si, :, :n]
+        self.lengths[di] = self.lengths[si]
+        self.lengths[si] = 0
+        for s, d in zip(src, dst):
+            self.host_lengths[d], self.host_lengths[s] = self.host_lengths[s], 0
 
     def release(self, slots: list[int]) -> None:
         """Free slots (their data stays, unread: length 0)."""

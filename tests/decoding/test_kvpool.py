@@ -3,8 +3,9 @@
 - KVPool's operations against a plain reference: prompts stored left-aligned, a commit moving
   exactly the kept block slots to each row's own end, reads stopping at head + block.
 - In the engine: the buffers are allocated once (the same storage across finishes and joins),
-  every row's cache length is its prompt plus its own tokens (no holes), and a step reads the
-  device once (a TorchDispatchMode count, greedy and sampling).
+  every row's cache length is its prompt plus its own tokens (no holes), the occupied slots stay
+  a prefix (rows move down into freed slots), and a step reads the device once (a
+  TorchDispatchMode count, greedy and sampling).
 - The planner on the meta device for llava-1.5-7b / -13b shapes in bf16 on 80 GB.
 """
 import pytest
@@ -80,6 +81,8 @@ def test_engine_buffers_are_allocated_once_and_rows_have_no_holes():
                 n_prompt = int(mask[row.key].sum())
                 assert tgt.host_lengths[s] == tgt.lengths[s].item() == n_prompt + len(row.outputs) - 1
         assert (tgt.kv.data_ptr(), drf.kv.data_ptr()) == storage and tgt.rows == 4
+        occupied = [s for s, row in enumerate(engine._slots) if row is not None]
+        assert occupied == list(range(engine.active))        # condensed: a step computes active rows only
     for b in range(4):
         assert done[b].tokens == target_greedy(target, ids[b:b + 1], mask[b:b + 1], pixels[b:b + 1], 16, None)[0]
 
