@@ -4,7 +4,7 @@ from __future__ import annotations
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-AUTO = "auto"  # float16 on CUDA, float32 elsewhere
+AUTO = "auto"  # bfloat16 on CUDA, float32 elsewhere
 
 
 def canonical_dtype(name: str) -> str:

@@ -18,12 +18,13 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # names: decoding
 
 
 def parse_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
-    """A torch dtype from a name; "auto" is float16 on a CUDA `device`, float32 otherwise."""
+    """A torch dtype from a name; "auto" is bfloat16 on a CUDA `device` (what llava-1.5 runs in),
+    float32 otherwise. An explicit name always wins."""
     if isinstance(name, torch.dtype):
         return name
     name = canonical_dtype(name)
     if name == AUTO:
-        return torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
     return DTYPES[name]
 
 
@@ -78,9 +79,25 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def weights_device_map(device: str | torch.device) -> dict:
+    """The `device_map` that puts the whole model on `device`: {"": device}. A CUDA device without
+    an index means the current one (what `.to("cuda")` means; transformers would read "cuda" as
+    cuda:$LOCAL_RANK)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"": device}
+
+
 def load_llava(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """LlavaForConditionalGeneration from a local directory, in eval mode, on `device`."""
+    """LlavaForConditionalGeneration from a local directory, in eval mode, on `device`.
+
+    The weights go straight to `device` in `dtype`: transformers builds the model on the meta
+    device and reads the safetensors tensor by tensor onto the `device_map` (needs `accelerate`),
+    so no full copy of the model is ever held in host memory and nothing is moved afterwards.
+    """
     path = check_model_dir(path)
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False, dtype=parse_dtype(dtype, device))
-    return model.to(device).eval()
+        path, use_safetensors=True, trust_remote_code=False, dtype=parse_dtype(dtype, device),
+        device_map=weights_device_map(device))
+    return model.eval()

@@ -169,7 +169,7 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
                    "config, as generate applies it; transformers' 50 when unset); 0 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed: a row's caption then depends only on "
                    "(seed, row id), in any batch, actor or resume")
-    add_dtype_argument(p, default="auto", auto=True, help="auto: float16 on GPU, float32 on CPU")
+    add_dtype_argument(p, default="auto", auto=True, help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--tree-top-k", type=POSITIVE_INT, help="children per expanded draft node (default 4)")
     p.add_argument("--tree-frontier", type=POSITIVE_INT, help="nodes expanded per draft level (default 4)")
     p.add_argument("--tree-depth", type=POSITIVE_INT, help="draft levels per step (default 6)")

@@ -15,6 +15,7 @@ import asyncio
 import random
 from dataclasses import asdict
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -24,6 +25,30 @@ from workers import storage
 from workers.batcher import ContinuousBatcher, RowRequest
 from workers.drill import Drill
 from workers.schema import OUTPUT_FIELDS, STATUS_OK, carry_row_index, output_schema
+
+
+def upload_pixels(flat, ok: list[int], shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ok` of `flat` (a float32 numpy array [rows, C*H*W], often read-only over Arrow
+    memory) as one [len(ok), *shape] tensor on `device` in `dtype`, with one host copy.
+
+    On CUDA the rows are gathered into pinned memory and uploaded with non_blocking=True, so the
+    actor's event-loop thread does not wait for the transfer (the copy is ordered on the stream
+    before the engine's next use; the caching host allocator keeps the pinned block until the copy
+    is done); the dtype is converted on the device. On a CPU: the gather, then the conversion.
+    """
+    if device.type != "cuda":
+        return torch.from_numpy(flat[ok]).reshape(len(ok), *shape).to(device, dtype)  # one copy
+    host = gather_rows(flat, ok, pin=True)
+    return host.reshape(len(ok), *shape).to(device, non_blocking=True).to(dtype)
+
+
+def gather_rows(flat, ok: list[int], *, pin: bool) -> torch.Tensor:
+    """Rows `ok` of a float32 numpy array as a new (pinned when `pin`) float32 tensor: one copy,
+    written in place by numpy (so a read-only `flat` is only read)."""
+    host = torch.empty((len(ok), flat.shape[1]), dtype=torch.float32, pin_memory=pin)
+    np.take(flat, ok, axis=0, out=host.numpy(), mode="clip")  # mode "raise" would buffer the copy
+    return host
 
 
 class CaptionWorker:
@@ -41,7 +66,7 @@ class CaptionWorker:
             (decoding.budget.choose_table) and uses that table; "off" uses `tree` at every step.
         tree: dict of `decoding.TreeConfig` fields (None: defaults).
         device: "auto" (cuda when available), "cpu" or "cuda".
-        dtype: "auto" (fp16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
+        dtype: "auto" (bf16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
         torch_threads: intra-op threads on CPU (None: leave torch's default).
         kv_memory_gb: the KV cache's memory (GiB) on any device; None: on CUDA 90% of the memory
             free once the weights are loaded, on a CPU no plan (the cache grows as rows need).
@@ -132,7 +157,7 @@ class CaptionWorker:
         dtype = next(self.target.parameters()).dtype
         keys = batch.column(self.id_column).to_pylist()
         sampling = self.batcher.engine.options.sampling
-        pixels = torch.from_numpy(flat[ok]).reshape(len(ok), *shape).to(self.device, dtype)  # one copy
+        pixels = upload_pixels(flat, ok, shape, self.device, dtype)
         requests = []
         for j, i in enumerate(ok):
             seed = None

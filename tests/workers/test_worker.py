@@ -141,3 +141,55 @@ def test_tree_budget_auto_measures_a_table_and_keeps_captions_exact(preprocessor
     for out in outs:
         for row in out.to_pylist():
             assert row["status"] == "ok" and row["caption"] == ref[row["id"]], row["id"]
+
+
+def _arrow_pixels(rows: int, width: int):
+    """A read-only float32 numpy view over Arrow memory, as CaptionWorker._requests gets it."""
+    values = pa.array([[float(r * width + c) for c in range(width)] for r in range(rows)],
+                      type=pa.list_(pa.float32(), width))
+    flat = values.values.to_numpy(zero_copy_only=False).reshape(rows, width)
+    assert not flat.flags.writeable
+    return flat
+
+
+def test_pixel_gather_is_one_copy_of_the_ok_rows():
+    """The CUDA upload's host side (pin=False here: pinning needs CUDA): the ok rows, in order, in
+    a new float32 tensor, without writing to (or warning about) the read-only Arrow memory."""
+    import warnings
+
+    import torch
+
+    from workers.caption import gather_rows
+
+    flat = _arrow_pixels(5, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = gather_rows(flat, [0, 2, 4], pin=False)
+    assert rows.dtype == torch.float32 and torch.equal(rows, torch.tensor(flat[[0, 2, 4]]))
+    assert gather_rows(flat, [], pin=False).shape == (0, 12)
+
+
+def test_pixel_upload_on_cpu_is_unchanged():
+    import torch
+
+    from workers.caption import upload_pixels
+
+    flat = _arrow_pixels(4, 12)
+    for dtype in (torch.float32, torch.bfloat16):
+        pixels = upload_pixels(flat, [1, 3], (3, 2, 2), torch.device("cpu"), dtype)
+        assert pixels.dtype == dtype and pixels.shape == (2, 3, 2, 2)
+        assert torch.equal(pixels, torch.tensor(flat[[1, 3]]).reshape(2, 3, 2, 2).to(dtype))
+
+
+def test_pixel_upload_on_cuda_goes_through_pinned_memory():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (pinned memory)")
+    from workers.caption import gather_rows, upload_pixels
+
+    flat = _arrow_pixels(4, 12)
+    assert gather_rows(flat, [0, 1], pin=True).is_pinned()
+    pixels = upload_pixels(flat, [1, 3], (3, 2, 2), torch.device("cuda"), torch.bfloat16)
+    assert pixels.device.type == "cuda" and pixels.dtype == torch.bfloat16
+    assert torch.equal(pixels.cpu(), torch.tensor(flat[[1, 3]]).reshape(2, 3, 2, 2).to(torch.bfloat16))
