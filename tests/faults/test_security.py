@@ -209,15 +209,9 @@ def test_no_source_unpickles_or_runs_remote_code():
 
 def test_loader_passes_use_safetensors_and_no_remote_code(tiny_pair, monkeypatch):
     import decoding.loading as loading
+    from tests.decoding.test_loading import _spy_from_pretrained
 
-    calls = []
-    original = loading.LlavaForConditionalGeneration.from_pretrained
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loading.LlavaForConditionalGeneration, "from_pretrained", spy)
+    calls = _spy_from_pretrained(monkeypatch)
     loading.load_llava(tiny_pair[0])
     assert len(calls) == 1
     assert calls[0]["use_safetensors"] is True and calls[0]["trust_remote_code"] is False
