@@ -19,6 +19,13 @@ default exactly that); a smaller --images is refused, as its "batch 128" would h
     specllava bench                 # demo pair, batch 1, 8, 32, 128 on 128 images, table + PNG chart
     specllava bench --json          # exactly one JSON object on stdout
     specllava bench --quick         # tiny random pair built in code (seconds; used by tests)
+    specllava bench --target "$(specllava make-pair smollm2)" --draft assets/smollm2-pair/draft \
+        --prompt "Describe this image in detail." --max-new-tokens 128 --ignore-eos --max-batches 2
+                                    # the real-weights pair (docs/benchmarks.md), 128 tokens per row
+
+--ignore-eos makes every row decode exactly --max-new-tokens tokens (EOS is decoded like any
+other token, by every method alike), so rows are as long as asked; --max-batches N decodes only
+the first N batches at each batch size, which keeps batch 1 affordable at 128 tokens per row.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ BASELINE = "target_greedy"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
 QUICK_BATCH_SIZES = "1,2"
 QUICK_IMAGES = 4
+DEFAULT_PROMPT = "Describe the image."
+WARMUP_TOKENS = 16   # the untimed warm-up batch per method decodes at most this many tokens
 
 
 def add_parser(sub) -> None:
@@ -53,6 +62,11 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-sizes", default=None, help=f"comma-separated batch sizes (default {DEFAULT_BATCH_SIZES}; "
                    f"{QUICK_BATCH_SIZES} with --quick)")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=48)
+    p.add_argument("--ignore-eos", action="store_true", help="every row decodes exactly --max-new-tokens tokens "
+                   "(EOS is a token like any other, as throughput benchmarks do); all methods alike")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"user prompt next to the image (default {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-batches", type=POSITIVE_INT, default=None, help="decode at most this many batches per "
+                   "batch size (default: all of --images); e.g. 4 keeps batch 1 short at 128 tokens per row")
     p.add_argument("--rounds", type=POSITIVE_INT, default=3,
                    help="interleaved rounds; the median is reported (default 3)")
     add_dtype_argument(p, default="float32")
@@ -98,10 +112,10 @@ def load_pair(args):
 
 
 def make_inputs(processor, n: int, prompt: str | None = None):
-    """n synthetic images (deterministic) through the processor, as one list of single-row encodings."""
+    """(chat text, n synthetic PIL images): the prompt through the processor's chat template."""
     from PIL import Image
     from training.synthetic import make_example
-    prompt = prompt or "Describe the image."
+    prompt = prompt or DEFAULT_PROMPT
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(conv, add_generation_prompt=True)
     images = [Image.open(io.BytesIO(make_example(seed=2024, index=i)["image"])).convert("RGB") for i in range(n)]
@@ -128,19 +142,21 @@ class ForwardCounter:
         self.handle.remove()
 
 
-def run_method(method, target, draft, batches, args, eos, decoders):
-    """Returns (sequences, new_tokens, target_forwards, seconds) over all batches."""
+def run_method(method, target, draft, batches, args, eos, decoders, max_new_tokens=None):
+    """Returns (sequences, seconds, target_forwards) over all batches. An empty `eos` decodes
+    every row to `max_new_tokens` (default args.max_new_tokens)."""
     import torch
 
     from decoding.stats import cut_after_eos
 
+    max_new_tokens = max_new_tokens or args.max_new_tokens
     seqs, forwards, t_total = [], 0, 0.0
     for ids, mask, pixels in batches:
         sync(args.device)
         t0 = time.perf_counter()
         if method in ("target_greedy", "hf_assisted"):
             counter = ForwardCounter(target)
-            kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=args.max_new_tokens,
+            kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
                           do_sample=False, eos_token_id=sorted(eos), pad_token_id=target.generation_config.pad_token_id)
             if method == "hf_assisted":
                 kwargs["assistant_model"] = draft
@@ -150,7 +166,7 @@ def run_method(method, target, draft, batches, args, eos, decoders):
             rows = cut_after_eos(out, eos)
             forwards += counter.count * len(rows)
         else:
-            res = decoders[method].generate(ids, mask, pixels, max_new_tokens=args.max_new_tokens,
+            res = decoders[method].generate(ids, mask, pixels, max_new_tokens=max_new_tokens,
                                             eos_token_id=sorted(eos))
             rows = res.sequences
             forwards += sum(st.target_forwards for st in res.stats)
@@ -261,8 +277,8 @@ def run(args) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     dtype = parse_dtype(args.dtype)
     eos = target.generation_config.eos_token_id
-    eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-    text, images = make_inputs(processor, args.images)
+    eos = set() if eos is None or args.ignore_eos else ({eos} if isinstance(eos, int) else set(eos))
+    text, images = make_inputs(processor, args.images, args.prompt)
 
     static = TreeConfig(top_k=4, frontier=1, max_depth=5, max_nodes=20, threshold=0.0)
     dynamic = SpeculativeDecoder(target, draft, TreeConfig())
@@ -281,11 +297,12 @@ def run(args) -> int:
 
     runs = []
     for bs in batch_sizes:
-        batches = [encode(processor, text, images[i:i + bs], args.device, dtype) for i in range(0, len(images), bs)]
+        batches = [encode(processor, text, images[i:i + bs], args.device, dtype)
+                   for i in range(0, len(images), bs)][:args.max_batches]
         active = [m for m in methods if not (m == "hf_assisted" and bs > 1)]
-        # warm-up: one batch per method, not timed
+        # warm-up: one short batch per method, not timed
         for m in active:
-            run_method(m, target, draft, batches[:1], args, eos, decoders)
+            run_method(m, target, draft, batches[:1], args, eos, decoders, min(args.max_new_tokens, WARMUP_TOKENS))
         results = {m: [] for m in active}
         for _ in range(args.rounds):
             for m in active:
@@ -297,11 +314,12 @@ def run(args) -> int:
             tps = statistics.median(tokens / r[1] for r in results[m])
             rows = len(seqs)
             tau = mean_accepted_length(tokens, forwards, rows) or 0.0
-            runs.append({"method": m, "batch_size": bs, "tokens_per_s": round(tps, 2), "mean_accepted": round(tau, 3),
+            runs.append({"method": m, "batch_size": bs, "rows": rows, "tokens": tokens,
+                         "tokens_per_s": round(tps, 2), "mean_accepted": round(tau, 3),
                          "target_forwards_per_token": round(forwards / max(1, tokens), 4),
                          "match_rate": round(match_rate(seqs, reference), 4) if reference is not None else None})
             log(f"batch {bs:>3}  {m:<14} {tps:8.1f} tok/s  tau {tau:5.2f}  fwd/tok "
-                f"{forwards / max(1, tokens):.3f}  match {runs[-1]['match_rate']}")
+                f"{forwards / max(1, tokens):.3f}  match {runs[-1]['match_rate']}  ({rows} rows, {tokens} tokens)")
     best = best_per_method(runs)
     speedups = speedup_best_vs_best(best)
     report = {"device": str(args.device), "dtype": args.dtype, "runs": runs,
@@ -309,6 +327,7 @@ def run(args) -> int:
               "tree": {"static": vars_of(static), "dynamic": vars_of(dynamic.tree)},
               "budget": budget.to_dict() if budget else None,
               "settings": {"images": args.images, "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens,
+                           "ignore_eos": bool(args.ignore_eos), "prompt": args.prompt, "max_batches": args.max_batches,
                            "rounds": args.rounds, "threads": torch.get_num_threads(), "quick": bool(args.quick)}}
     if args.chart:
         bench_chart(runs, best, speedups, args.chart)

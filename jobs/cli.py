@@ -22,7 +22,7 @@ from jobs.common import UserError
 
 # Modules providing subcommands: each defines add_parser(subparsers) and sets `func` on its parser.
 COMMAND_MODULES: list[str] = ["jobs.make_dataset", "jobs.distill", "jobs.caption", "jobs.submit",
-                              "jobs.query", "jobs.bench", "jobs.demo"]
+                              "jobs.query", "jobs.bench", "jobs.demo", "jobs.make_pair"]
 
 PROG = "specllava"
 

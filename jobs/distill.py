@@ -35,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heldout-images", type=COUNT, default=200)
     p.add_argument("--prompt", default=None, help="user prompt (default: the demo's 'describe the image .')")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=32)
+    p.add_argument("--ignore-eos", action="store_true", help="teacher captions run to --max-new-tokens past EOS "
+                   "(train for what `bench --ignore-eos` decodes)")
+    p.add_argument("--tie-embeddings", action="store_true", help="the draft's lm_head is its input embeddings")
+    p.add_argument("--embed-init", choices=("random", "pca"), default="random",
+                   help="pca: start the draft's embeddings from the target's top principal components")
     p.add_argument("--topk", type=POSITIVE_INT, default=64, help="target log-probs kept per position")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")

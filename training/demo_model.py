@@ -161,8 +161,11 @@ def make_batch(prompts: list[list[int]], captions: list[list[int]], pixel_values
 @torch.no_grad()
 def greedy_captions(model, processor, pixel_values: torch.Tensor, prompt: str = DEFAULT_PROMPT,
                     batch_size: int = 64, max_new_tokens: int = 32) -> list[list[int]]:
-    """Greedy caption token ids (without </s> and padding) per image; pixel_values [N, 3, H, W]."""
+    """Greedy caption token ids (without EOS and padding) per image; pixel_values [N, 3, H, W].
+    EOS and padding are the tokenizer's (</s> and <pad> for the demo's)."""
     ids = prompt_ids(processor, prompt)
+    tok = processor.tokenizer
+    eos_id, pad_id = tok.eos_token_id, tok.pad_token_id
     dtype = next(model.parameters()).dtype
     out: list[list[int]] = []
     for i in range(0, len(pixel_values), batch_size):
@@ -170,16 +173,17 @@ def greedy_captions(model, processor, pixel_values: torch.Tensor, prompt: str = 
         input_ids = torch.tensor([ids] * len(pix), device=model.device)  # [B, T]
         gen = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              pixel_values=pix, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+                             eos_token_id=eos_id, pad_token_id=pad_id)
         for row in gen[:, input_ids.shape[1]:].tolist():
-            out.append([t for t in row[:row.index(EOS_ID)] if t != PAD_ID] if EOS_ID in row
-                       else [t for t in row if t != PAD_ID])
+            out.append([t for t in row[:row.index(eos_id)] if t != pad_id] if eos_id in row
+                       else [t for t in row if t != pad_id])
     return out
 
 
-def evaluate(model, processor, pixel_values: torch.Tensor, truths: list[dict], batch_size: int = 64) -> dict:
+def evaluate(model, processor, pixel_values: torch.Tensor, truths: list[dict], batch_size: int = 64,
+             prompt: str = DEFAULT_PROMPT) -> dict:
     """Greedy-caption the images and score attributes against `truths` (rows of the dataset)."""
-    token_ids = greedy_captions(model, processor, pixel_values, batch_size=batch_size)
+    token_ids = greedy_captions(model, processor, pixel_values, prompt=prompt, batch_size=batch_size)
     texts = processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
     correct = total = exact = 0
     per_attr: dict[str, list[int]] = {k: [0, 0] for k in synthetic.ATTRIBUTES}

@@ -54,6 +54,10 @@ class DistillConfig:
     heldout_images: int = 200
     prompt: str | None = None         # default: the demo's prompt
     max_new_tokens: int = 32
+    ignore_eos: bool = False          # teacher captions run to max_new_tokens past EOS (as a throughput bench decodes)
+    tie_embeddings: bool = False      # the draft's lm_head is its input embedding matrix (half the bytes)
+    embed_init: str = "random"        # "pca": the draft's embeddings start as the target's projected on
+                                      # their top `hidden` principal components
     topk: int = 64                    # target log-probs kept per position
     seed: int = 0
     device: str = "cpu"
@@ -65,26 +69,50 @@ class DistillConfig:
     images_label: str = ""            # where the images came from (part of the teacher cache key)
 
 
-def draft_config(target_config, *, layers: int, hidden: int, heads: int, intermediate: int):
+def draft_config(target_config, *, layers: int, hidden: int, heads: int, intermediate: int,
+                 tie_embeddings: bool = False):
     """The target's LlavaConfig with a smaller text model (same vocab, special ids, vision settings)."""
     if hidden % heads:
         raise ValueError(f"--hidden {hidden} is not divisible by --heads {heads}")
     d = target_config.to_dict()
     d["text_config"].update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                             num_key_value_heads=heads, intermediate_size=intermediate, head_dim=hidden // heads,
-                            tie_word_embeddings=False)
+                            tie_word_embeddings=tie_embeddings)
+    d["tie_word_embeddings"] = tie_embeddings
     for key in ("layer_types", "sliding_window", "max_window_layers"):
         d["text_config"].pop(key, None)
     return type(target_config).from_dict(d)
 
 
-def build_draft(target, *, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0):
+def pca_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """[V, H] -> [V, dim]: the rows, centred, on their top `dim` principal directions (rescaled to
+    the original per-entry spread), a starting point that keeps which tokens are alike."""
+    w = weight.detach().float()
+    centred = w - w.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # v [H, H]
+    out = centred @ v[:dim].T  # [V, dim]
+    return out * (w.std() / out.std().clamp(min=1e-12))
+
+
+def build_draft(target, *, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0,
+                tie_embeddings: bool = False, embed_init: str = "random"):
     """A new draft whose vision tower is a frozen copy of the target's."""
     from transformers import LlavaForConditionalGeneration
 
+    if embed_init not in ("random", "pca"):
+        raise DistillError(f"--embed-init must be random or pca, got {embed_init!r}")
     torch.manual_seed(seed)
-    config = draft_config(target.config, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
+    config = draft_config(target.config, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
+                          tie_embeddings=tie_embeddings)
     draft = LlavaForConditionalGeneration(config).float()
+    if embed_init == "pca":
+        emb = pca_embeddings(target.model.language_model.embed_tokens.weight, hidden)
+        with torch.no_grad():
+            draft.model.language_model.embed_tokens.weight.copy_(emb)
+            if not tie_embeddings:
+                draft.lm_head.weight.copy_(emb)
+    if tie_embeddings:
+        draft.lm_head.weight = draft.model.language_model.embed_tokens.weight
     draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
     draft.model.vision_tower.requires_grad_(False)
     draft.generation_config = copy.deepcopy(target.generation_config)
@@ -96,23 +124,16 @@ def _encode(processor, images: list[bytes]) -> torch.Tensor:
     return encode_images(processor, images)  # [N, 3, H, W]
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def teacher_data(target, processor, images: list[bytes], prompt_ids: list[int], *, max_new_tokens: int,
-                 topk: int, pad_id: int, eos_id: int, batch_size: int = 32, progress: bool = True) -> dict:
+                 topk: int, pad_id: int, eos_id: int, batch_size: int = 32, progress: bool = True,
+                 ignore_eos: bool = False) -> dict:
     """Greedy target captions and the target's top-k log-probs at each caption position.
 
     Returns captions [N, C] (padded with -1; C = max caption length incl. EOS),
-    topk_logprobs [N, C, K] float32 and topk_ids [N, C, K] int64.
+    topk_logprobs [N, C, K] float32 and topk_ids [N, C, K] int64. The log-probs are the logits
+    `generate` computed for each new token (no second pass over the captions). With `ignore_eos`
+    every caption is max_new_tokens long: EOS is decoded like any other token.
     """
     from tqdm import tqdm
 
@@ -122,13 +143,13 @@ def teacher_data(target, processor, images: list[bytes], prompt_ids: list[int], 
     for i in tqdm(range(0, len(images), batch_size), desc="teacher", disable=not progress, mininterval=5):
         pix = _encode(processor, images[i:i + batch_size]).to(device, dtype)  # [B, 3, H, W]
         ids = torch.tensor([prompt_ids] * len(pix), device=device)  # [B, P]
-        gen = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
-                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                              pad_token_id=pad_id)[:, P:].tolist()
-        rows = [g[:g.index(eos_id) + 1] if eos_id in g else g for g in gen]
-        seq, mask = _pad([prompt_ids + r for r in rows], pad_id)
-        logits = target(input_ids=seq.to(device), attention_mask=mask.to(device), pixel_values=pix).logits
-        logp = logits[:, P - 1:-1].float().log_softmax(-1)  # [B, C, V]: position P-1+j predicts caption[j]
+        out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
+                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[] if ignore_eos else eos_id,
+                              pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True)
+        gen = out.sequences[:, P:].tolist()
+        rows = gen if ignore_eos else [g[:g.index(eos_id) + 1] if eos_id in g else g for g in gen]
+        logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # [B, C, V]: step j's logits predict caption[j]
+        del out
         top = logp.topk(K, dim=-1)
         for b, r in enumerate(rows):
             caps.append(r)
@@ -214,7 +235,8 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
 
     # 1. Teacher data (cached; the meta must match to be reused).
     meta = {"target": str(Path(cfg.target).resolve()), "images": cfg.images_label, "n": len(train_images),
-            "prompt_ids": prompt_ids, "topk": cfg.topk, "max_new_tokens": cfg.max_new_tokens}
+            "prompt_ids": prompt_ids, "topk": cfg.topk, "max_new_tokens": cfg.max_new_tokens,
+            "ignore_eos": cfg.ignore_eos}
     cache_path, meta_path = work / "teacher.safetensors", work / "teacher.json"
     if cache_path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         teacher = load_file(str(cache_path))
@@ -222,14 +244,16 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     else:
         t0 = time.time()
         teacher = teacher_data(target, processor, train_images, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                               topk=cfg.topk, pad_id=pad_id, eos_id=eos_id, progress=not cfg.quiet)
+                               topk=cfg.topk, pad_id=pad_id, eos_id=eos_id, progress=not cfg.quiet,
+                               ignore_eos=cfg.ignore_eos)
         save_file(teacher, str(cache_path))
         meta_path.write_text(json.dumps(meta))
         _log(f"teacher: {len(train_images)} captions + top-{cfg.topk} log-probs in {time.time() - t0:.0f}s")
 
     # 2. Draft and optimizer (+ resume).
     draft = build_draft(target, layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
-                        intermediate=cfg.intermediate or 3 * cfg.hidden, seed=cfg.seed).to(device)
+                        intermediate=cfg.intermediate or 3 * cfg.hidden, seed=cfg.seed,
+                        tie_embeddings=cfg.tie_embeddings, embed_init=cfg.embed_init).to(device)
     trainable = [p for p in draft.parameters() if p.requires_grad]
     n_text = sum(p.numel() for p in draft.model.language_model.parameters()) + draft.lm_head.weight.numel()
     _log(f"draft: {n_text / 1e6:.2f}M text parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable")
@@ -276,7 +300,7 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
              "draft_text_parameters": n_text, "history": state["history"]}
     if heldout_images:
         held = teacher_data(target, processor, heldout_images, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                            topk=cfg.topk, pad_id=pad_id, eos_id=eos_id, progress=False)
+                            topk=cfg.topk, pad_id=pad_id, eos_id=eos_id, progress=False, ignore_eos=cfg.ignore_eos)
         pix = _encode(processor, heldout_images)
         with torch.no_grad():
             logits, valid = draft_logits_at_captions(draft, prompt_ids, held["captions"], pix, pad_id)

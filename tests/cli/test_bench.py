@@ -18,8 +18,23 @@ from jobs.cli import main
 from jobs.common import UserError
 from tests.helpers import random_batch
 
-RUN_KEYS = {"method", "batch_size", "tokens_per_s", "mean_accepted", "target_forwards_per_token", "match_rate"}
+RUN_KEYS = {"method", "batch_size", "rows", "tokens", "tokens_per_s", "mean_accepted", "target_forwards_per_token",
+            "match_rate"}
 BEST_KEYS = {"method", "batch_size", "tokens_per_s"}
+
+
+def test_bench_ignore_eos_decodes_every_row_to_length(capsys):
+    """--ignore-eos: every method decodes exactly --max-new-tokens per row (and still matches
+    target greedy token for token); --max-batches caps the batches per batch size."""
+    assert main(["bench", "--quick", "--json", "--chart", "", "--ignore-eos", "--max-new-tokens", "10",
+                 "--max-batches", "1", "--images", "4", "--prompt", "Describe this image in detail."]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["ignore_eos"] is True and report["settings"]["max_batches"] == 1
+    assert report["settings"]["prompt"] == "Describe this image in detail."
+    for r in report["runs"]:
+        assert r["rows"] == r["batch_size"]          # one batch each, not all 4 images
+        assert r["tokens"] == 10 * r["rows"]         # nobody stopped at EOS
+        assert r["match_rate"] == 1.0
 
 
 def row(method, batch_size, tokens_per_s):
