@@ -17,7 +17,10 @@ is a table over active batch sizes, looked up at every step as rows finish or jo
    acceptance, cache roll-forward and every fixed cost of a step) for each candidate shape and
    for a plain target step, measured on this device.
 3. Choice, per B: argmax over candidates of tau(n, d) / step_s(B, n, d), against
-   1 / step_s(B, none) for not drafting.
+   1 / step_s(B, none) for not drafting. Step times are medians of repeated steps, the shapes
+   interleaved round by round; their spread is the noise. "No drafting" wins only when it is
+   faster than the best tree by more than that noise (`noise` in the entry): one noisy sample
+   on a shared machine must not switch speculation off for an actor's whole life.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class BudgetEntry:
     tree: TreeConfig | None                                   # None: no drafting at this batch size
     step_s: dict = field(default_factory=dict)               # "n,d" or "none" -> median step seconds
     predicted_tps: dict = field(default_factory=dict)        # "n,d" or "none" -> tokens/s per row
+    noise: float = 0.0                                       # relative spread of the step times compared
 
 
 @dataclass
@@ -70,6 +74,7 @@ class BudgetTable:
                 "chosen": None if e.tree is None else {"max_nodes": e.tree.max_nodes, "max_depth": e.tree.max_depth},
                 "step_ms": {k: round(v * 1e3, 2) for k, v in e.step_s.items()},
                 "predicted_tokens_per_s_per_row": {k: round(v, 2) for k, v in e.predicted_tps.items()},
+                "noise": round(e.noise, 4),
             } for e in self.entries],
         }
 
@@ -165,10 +170,23 @@ def _replicate(input_ids, attention_mask, pixel_values, rows: int):
     return input_ids[index], attention_mask[index], pixels
 
 
-@torch.no_grad()
 def step_seconds(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, batch_size: int,
                  shapes, steps: int = 2) -> dict:
     """Median wall time of whole engine steps at `batch_size` rows, per shape ((n, d) or None)."""
+    samples = step_samples(decoder, input_ids, attention_mask, pixel_values, batch_size, shapes, steps)
+    return {shape: statistics.median(t) for shape, t in samples.items()}
+
+
+def relative_spread(times: list[float]) -> float:
+    """Half the range of `times` over their median: the noise of a median of a few steps."""
+    return (max(times) - min(times)) / 2 / statistics.median(times) if len(times) > 1 else 0.0
+
+
+@torch.no_grad()
+def step_samples(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, batch_size: int,
+                 shapes, steps: int = 2) -> dict:
+    """Wall times of `steps` whole engine steps at `batch_size` rows, per shape ((n, d) or None),
+    the shapes interleaved step by step after one warm-up round."""
     ids, mask, pixels = _replicate(input_ids, attention_mask, pixel_values, batch_size)
     engine = decoder.engine(max_new_tokens=10 ** 6, eos_token_id=[])
     engine.add(ids, mask, pixels)
@@ -185,7 +203,19 @@ def step_seconds(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
             _sync(device)
             if round_:                # round 0 is a warm-up
                 times[shape].append(time.perf_counter() - t0)
-    return {shape: statistics.median(t) for shape, t in times.items()}
+    return times
+
+
+def choose(predicted: dict, noise: float):
+    """The shape with the most predicted tokens/s, except that None (no drafting) must beat the
+    best tree by more than the relative `noise` (else that tree is kept)."""
+    best = max(predicted, key=predicted.get)
+    trees = [s for s in predicted if s is not None]
+    if best is None and trees:
+        tree = max(trees, key=predicted.get)
+        if predicted[None] <= predicted[tree] * (1.0 + noise):
+            return tree
+    return best
 
 
 def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values,
@@ -198,13 +228,15 @@ def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
                         sorted({n for n, _ in shapes}), sorted({d for _, d in shapes}))
     entries = []
     for B in sorted(set(batch_sizes)):
-        cost = step_seconds(decoder, input_ids, attention_mask, pixel_values, B, shapes + (None,), steps)
+        samples = step_samples(decoder, input_ids, attention_mask, pixel_values, B, shapes + (None,), steps)
+        cost = {shape: statistics.median(t) for shape, t in samples.items()}
         predicted = {shape: (tau[shape] if shape else 1.0) / cost[shape] for shape in cost}
-        best = max(predicted, key=predicted.get)
+        noise = max(relative_spread(t) for t in samples.values())
+        best = choose(predicted, noise)
         tree = None if best is None else replace(decoder.tree, max_nodes=best[0], max_depth=best[1])
         label = lambda s: "none" if s is None else f"{s[0]},{s[1]}"  # noqa: E731
         entries.append(BudgetEntry(batch_size=B, tree=tree, step_s={label(k): v for k, v in cost.items()},
-                                   predicted_tps={label(k): v for k, v in predicted.items()}))
+                                   predicted_tps={label(k): v for k, v in predicted.items()}, noise=noise))
     return BudgetTable(entries=entries, tau={k: v for k, v in tau.items() if k in shapes})
 
 

@@ -223,12 +223,18 @@ def speedup_best_vs_best(best: list[dict], baseline: str = BASELINE) -> dict[str
     return {b["method"]: round(b["tokens_per_s"] / base["tokens_per_s"], 3) for b in best if b["method"] != baseline}
 
 
-def best_lines(best: list[dict], speedups: dict[str, float], baseline: str = BASELINE) -> list[str]:
-    """The table's `best` lines: one per method, with its speedup over the baseline's best."""
+def best_lines(best: list[dict], speedups: dict[str, float], baseline: str = BASELINE,
+               runs: list[dict] | None = None) -> list[str]:
+    """The table's `best` lines: one per method, with its speedup over the baseline's best, or
+    "no drafting" where that method's best run was one in which the budget chose not to draft."""
+    plain = {(r["method"], r["batch_size"]) for r in runs or [] if r.get("drafting") is False
+             and r["method"] != baseline}
     lines = []
     for b in best:
         line = f"best {b['method']:<14} {b['tokens_per_s']:8.1f} tok/s at batch {b['batch_size']}"
-        if b["method"] in speedups:
+        if (b["method"], b["batch_size"]) in plain:
+            line += "  no drafting there (the budget chose plain target steps)"
+        elif b["method"] in speedups:
             line += f"  {speedups[b['method']]:.2f}x {baseline}'s best"
         lines.append(line)
     return lines
@@ -314,7 +320,8 @@ def run(args) -> int:
             tps = statistics.median(tokens / r[1] for r in results[m])
             rows = len(seqs)
             tau = mean_accepted_length(tokens, forwards, rows) or 0.0
-            runs.append({"method": m, "batch_size": bs, "rows": rows, "tokens": tokens,
+            drafting = m != "target_greedy" and not (m == "dynamic_tree" and budget and budget.lookup(bs) is None)
+            runs.append({"method": m, "batch_size": bs, "rows": rows, "tokens": tokens, "drafting": drafting,
                          "tokens_per_s": round(tps, 2), "mean_accepted": round(tau, 3),
                          "target_forwards_per_token": round(forwards / max(1, tokens), 4),
                          "match_rate": round(match_rate(seqs, reference), 4) if reference is not None else None})
@@ -334,7 +341,7 @@ def run(args) -> int:
         log(f"chart: {args.chart}")
     if not args.json:
         log_speedups(runs, log)
-    for line in best_lines(best, speedups):
+    for line in best_lines(best, speedups, runs=runs):
         log(line)
     if args.json:
         print(json.dumps(report))
@@ -353,4 +360,8 @@ def log_speedups(runs, log):
             continue
         for r in runs:
             if r["batch_size"] == bs and r["method"] != "target_greedy":
-                log(f"batch {bs:>3}  {r['method']:<14} {r['tokens_per_s'] / base['tokens_per_s']:.2f}x target greedy")
+                if r.get("drafting") is False:
+                    log(f"batch {bs:>3}  {r['method']:<14} no drafting (the budget chose plain target steps here)")
+                else:
+                    log(f"batch {bs:>3}  {r['method']:<14} {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                        "target greedy")

@@ -18,8 +18,8 @@ from jobs.cli import main
 from jobs.common import UserError
 from tests.helpers import random_batch
 
-RUN_KEYS = {"method", "batch_size", "rows", "tokens", "tokens_per_s", "mean_accepted", "target_forwards_per_token",
-            "match_rate"}
+RUN_KEYS = {"method", "batch_size", "rows", "tokens", "drafting", "tokens_per_s", "mean_accepted",
+            "target_forwards_per_token", "match_rate"}
 BEST_KEYS = {"method", "batch_size", "tokens_per_s"}
 
 
@@ -224,12 +224,40 @@ def test_choose_table_measures_each_batch_size():
     assert [e.batch_size for e in table.entries] == [1, 4]
     for e in table.entries:
         assert set(e.step_s) == {"1,1", "4,2", "none"} and all(v > 0 for v in e.step_s.values())
-        best = max(e.predicted_tps, key=e.predicted_tps.get)
-        assert (e.tree is None) == (best == "none")
-        if e.tree is not None:
-            assert f"{e.tree.max_nodes},{e.tree.max_depth}" == best
+        tps = e.predicted_tps
+        best_tree = max((k for k in tps if k != "none"), key=tps.get)
+        no_drafting_wins = tps["none"] > tps[best_tree] * (1 + e.noise)
+        assert (e.tree is None) == no_drafting_wins
+        if e.tree is not None:   # the best tree, whether or not "none" was (within noise) faster
+            assert f"{e.tree.max_nodes},{e.tree.max_depth}" == best_tree
         assert e.predicted_tps["none"] == pytest.approx(1 / e.step_s["none"])
+        assert e.noise >= 0
     assert decoder.budget is None and json.dumps(table.to_dict())
+
+
+def test_bench_says_no_drafting_instead_of_a_speedup():
+    from jobs.bench import log_speedups
+
+    runs = [dict(row("target_greedy", 8, 100.0), drafting=False), dict(row("dynamic_tree", 8, 104.0), drafting=False),
+            dict(row("target_greedy", 1, 10.0), drafting=False), dict(row("dynamic_tree", 1, 30.0), drafting=True)]
+    lines = []
+    log_speedups(runs, lines.append)
+    assert "batch   8  dynamic_tree   no drafting (the budget chose plain target steps here)" in lines
+    assert "batch   1  dynamic_tree   3.00x target greedy" in lines and not any("1.04x" in x for x in lines)
+    best = best_per_method(runs)
+    text = "\n".join(best_lines(best, speedup_best_vs_best(best), runs=runs))
+    assert "dynamic_tree" in text and "no drafting there" in text and "1.04x" not in text
+
+
+def test_no_drafting_must_win_beyond_the_noise():
+    from decoding.budget import choose, relative_spread
+
+    assert relative_spread([1.0, 1.2, 1.1]) == pytest.approx(0.1 / 1.1)
+    assert relative_spread([2.0]) == 0.0
+    assert choose({None: 10.0, (1, 1): 9.5, (4, 2): 9.0}, noise=0.1) == (1, 1)   # within noise: keep drafting
+    assert choose({None: 10.0, (1, 1): 9.5}, noise=0.01) is None                 # clearly faster: stop
+    assert choose({None: 5.0, (1, 1): 9.0, (4, 2): 12.0}, noise=0.5) == (4, 2)
+    assert choose({None: 5.0}, noise=0.0) is None
 
 
 def test_budget_table_lookup_by_active_rows():
