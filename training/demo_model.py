@@ -110,7 +110,9 @@ def build_model(config, seed: int = 0):
 
 
 def text_parameters(model) -> int:
-    return sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    """Parameters of the text model and LM head, a tied embedding/LM-head matrix counted once."""
+    params = {id(p): p for p in [*model.model.language_model.parameters(), model.lm_head.weight]}
+    return sum(p.numel() for p in params.values())
 
 
 def encode_images(processor, images: list[bytes], batch_size: int = 512) -> torch.Tensor:

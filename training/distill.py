@@ -255,7 +255,7 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
                         intermediate=cfg.intermediate or 3 * cfg.hidden, seed=cfg.seed,
                         tie_embeddings=cfg.tie_embeddings, embed_init=cfg.embed_init).to(device)
     trainable = [p for p in draft.parameters() if p.requires_grad]
-    n_text = sum(p.numel() for p in draft.model.language_model.parameters()) + draft.lm_head.weight.numel()
+    n_text = demo_model.text_parameters(draft)
     _log(f"draft: {n_text / 1e6:.2f}M text parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     state = checkpoint.load(work / "checkpoint", draft, optimizer) or {"step": 0, "history": [], "train_seconds": 0.0}
