@@ -227,3 +227,27 @@ def test_real_smollm2_pair(tmp_path):
             ref = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=32,
                                  do_sample=False, eos_token_id=[])[:, ids.shape[1]:].tolist()
         assert res.sequences == ref
+
+
+def test_shipped_assets_fit_the_pair():
+    """assets/smollm2-pair: the projector maps the demo tower (128) to SmolLM2's 576; the draft
+    is small, bf16, shares the pair's tokenizer ids and loads as an ordinary checkpoint."""
+    from safetensors import safe_open
+    from transformers import AutoProcessor
+
+    with safe_open(str(sp.PROJECTOR_FILE), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {"linear_1.weight": (576, 128), "linear_1.bias": (576,),
+                      "linear_2.weight": (576, 576), "linear_2.bias": (576,)}
+    draft_dir = sp.PAIR_ASSETS / "draft"
+    size = sum(p.stat().st_size for p in draft_dir.iterdir())
+    assert size <= 60e6
+    draft = load_llava(draft_dir)
+    cfg = draft.config
+    assert (cfg.text_config.vocab_size, cfg.image_token_id) == (49216, 49152)
+    assert draft.lm_head.weight.data_ptr() == draft.model.language_model.embed_tokens.weight.data_ptr()
+    tok = AutoProcessor.from_pretrained(draft_dir).tokenizer
+    assert tok.convert_tokens_to_ids(["<|im_end|>", sp.IMAGE_TOKEN]) == [2, 49152]
+    assert tok.eos_token_id == draft.generation_config.eos_token_id == 2
+    stats = json.loads((draft_dir / "distill_stats.json").read_text())
+    assert stats["decode_ms"]["ratio"] <= 1 / 8
