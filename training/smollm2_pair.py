@@ -44,6 +44,7 @@ DEMO_TARGET = ASSETS / "demo-pair" / "target"
 PAIR_ASSETS = ASSETS / "smollm2-pair"
 PROJECTOR_FILE = PAIR_ASSETS / "projector.safetensors"
 IMAGE_TOKEN = "<image>"
+BUILDER_VERSION = 2   # part of the cache key: a cache built by older code is rebuilt
 VOCAB_MULTIPLE = 64
 ALIGN_PROMPT = "Caption the image in a few words."
 DETAIL_PROMPT = "Describe this image in detail."
@@ -158,7 +159,10 @@ def build_target(gguf: Path, projector: str | Path | None = PROJECTOR_FILE, seed
     text = lm.config.to_dict()
     text.update(vocab_size=vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else text.get("bos_token_id"))
-    for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+    # quantization_config: the GGUF load's record of the file; the weights saved here are dense fp32,
+    # and left in, it would attach transformers' GGUF quantizer to every later load of the target.
+    for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                "quantization_config"):
         text.pop(key, None)
     config = LlavaConfig(vision_config=demo["vision_config"], text_config=text, image_token_id=image_id,
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
@@ -231,7 +235,7 @@ def ensure_target(gguf: str | Path | None = None, output: str | Path | None = No
     digest = file_sha256(gguf)
     out = Path(output) if output else default_target_dir(gguf, digest)
     proj_digest = file_sha256(projector) if projector is not None and Path(projector).is_file() else None
-    meta = {"gguf": gguf.name, "gguf_sha256": digest, "projector_sha256": proj_digest}
+    meta = {"gguf": gguf.name, "gguf_sha256": digest, "projector_sha256": proj_digest, "builder": BUILDER_VERSION}
     done = out / "pair.json"
     if not rebuild and done.is_file() and json.loads(done.read_text()) == meta:
         return out

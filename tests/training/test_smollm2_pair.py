@@ -45,6 +45,9 @@ def test_target_is_an_ordinary_safetensors_checkpoint(built):
     assert model.config.text_config.vocab_size % sp.VOCAB_MULTIPLE == 0 >= 0
     assert model.config.text_config.vocab_size >= len(tok)
     assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    # dense fp32 weights: no record of the GGUF's quantization (it would attach a GGUF quantizer on load)
+    assert "quantization_config" not in json.loads((built / "config.json").read_text())["text_config"]
+    assert getattr(model, "hf_quantizer", None) is None
     # ordinary text never produces the image token
     text = "a photo of <imag e> image < image > the cat sat on the mat"
     assert image_id not in tok(text)["input_ids"]
