@@ -210,7 +210,7 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     from decoding import ModelPairError
     from decoding.loading import load_llava
     from training import acceptance, checkpoint, demo_model
-    from training.schedule import warmup_cosine
+    from training.schedule import optimizer_step, warmup_cosine
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -274,13 +274,8 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
         pix = _encode(processor, [train_images[i] for i in idx.tolist()])  # [B, 3, H, W]
         logits, valid = draft_logits_at_captions(draft, prompt_ids, teacher["captions"][idx], pix, pad_id)
         loss = kl_loss(logits, teacher["topk_logprobs"][idx].to(device), teacher["topk_ids"][idx].to(device), valid)
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, peak=cfg.lr, total=cfg.steps, warmup=cfg.warmup, floor=0.05)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
+        window.append(optimizer_step(optimizer, trainable, loss,
+                                     warmup_cosine(step, peak=cfg.lr, total=cfg.steps, warmup=cfg.warmup, floor=0.05)))
         done = step + 1
         if done % 10 == 0 or done == cfg.steps:
             state["history"].append({"step": done, "kl": round(sum(window) / len(window), 5)})

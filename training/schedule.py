@@ -20,3 +20,17 @@ def warmup_cosine(step: int, *, peak: float, total: int, warmup: int, floor: flo
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     progress = min(1.0, max(0.0, (step - start) / max(1, total - start)))
     return peak * warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(optimizer, params, loss, lr: float, max_norm: float = 1.0) -> float:
+    """One update: `lr` on every parameter group, backpropagate `loss`, clip the gradients of
+    `params` to `max_norm`, step, clear the gradients; returns the loss as a float."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()

@@ -116,8 +116,10 @@ def load_language_model(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf_reader()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    # GGUF is a tensor-only format (no pickle); use_safetensors=True keeps any *.bin beside it unread
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                              use_safetensors=True, trust_remote_code=False)
     return lm.eval(), tok
 
 
@@ -281,7 +283,7 @@ def align(target_dir: str | Path, output: str | Path, work_dir: str | Path, *, s
 
     from decoding.loading import load_llava
     from training import checkpoint, demo_model
-    from training.schedule import warmup_cosine
+    from training.schedule import optimizer_step, warmup_cosine
 
     model = load_llava(target_dir, "float32")
     processor = AutoProcessor.from_pretrained(target_dir)
@@ -307,13 +309,8 @@ def align(target_dir: str | Path, output: str | Path, work_dir: str | Path, *, s
         model.model.language_model.train(False)
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
                      labels=batch.labels).loss
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, peak=lr, total=steps, warmup=warmup, floor=0.1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
+        window.append(optimizer_step(optimizer, params, loss,
+                                     warmup_cosine(step, peak=lr, total=steps, warmup=warmup, floor=0.1)))
         done = step + 1
         if done % 10 == 0 or done == steps:
             state["history"].append({"step": done, "loss": round(sum(window) / len(window), 4)})

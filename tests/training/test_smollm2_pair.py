@@ -254,3 +254,23 @@ def test_shipped_assets_fit_the_pair():
     assert tok.eos_token_id == draft.generation_config.eos_token_id == 2
     stats = json.loads((draft_dir / "distill_stats.json").read_text())
     assert stats["decode_ms"]["ratio"] <= 1 / 8
+
+
+def test_align_trains_only_the_projector_and_resumes(built, tmp_path):
+    """LLaVA stage 1 on the tiny target: the projector is written and differs from the start;
+    the target directory is untouched; a second call with more steps continues the checkpoint."""
+    from safetensors.torch import load_file
+
+    before = load_llava(built).state_dict()
+    out = tmp_path / "proj.safetensors"
+    stats = sp.align(built, out, tmp_path / "work", steps=2, batch_size=2, eval_every=0, final_eval_images=2,
+                     checkpoint_every=1, quiet=True)
+    assert stats["steps"] == 2 and 0.0 <= stats["heldout"]["attribute_accuracy"] <= 1.0
+    proj = load_file(str(out))
+    assert set(proj) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert not torch.equal(proj["linear_1.weight"], before["model.multi_modal_projector.linear_1.weight"])
+    after = load_llava(built).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    more = sp.align(built, out, tmp_path / "work", steps=3, batch_size=2, eval_every=0, final_eval_images=2,
+                    checkpoint_every=1, quiet=True)
+    assert more["steps"] == 3 and more["history"][-1]["step"] == 3
