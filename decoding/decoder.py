@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from .draft import TreeDrafter
-from .engine import SamplingOptions, SpeculativeEngine, default_top_k, eos_set, seeds_from
+from .graphs import step_graphs
+from .engine import SpeculativeEngine
+from .options import SamplingOptions, default_top_k, eos_set, seeds_from
 from .models import check_pair, lean_is_exact, shares_vision_tower, vocab_size
 from .stats import GenerationResult
 from .tree import TreeConfig
@@ -24,7 +26,7 @@ class SpeculativeDecoder:
     sampled output follows the target's own distribution (temperature, top_k, top_p, as `generate` warps it).
     """
 
-    def __init__(self, target, draft, tree: TreeConfig | None = None):
+    def __init__(self, target, draft, tree: TreeConfig | None = None, compile: str = "off"):
         check_pair(target, draft)
         self.target = target
         self.draft = draft
@@ -38,6 +40,9 @@ class SpeculativeDecoder:
         # Optional observer called after every verify step with (tree, acceptance); used by
         # the tree-budget calibration (budget.py). None in normal use.
         self.step_observer = None
+        # How steps run (graphs.py): None = op by op at each step's exact shapes ("off"); else the
+        # static-shape phases at a bucket, compiled ("on"; "auto" on CUDA) or not ("static").
+        self.graphs = step_graphs(compile, target, draft)
         # Optional budget.BudgetTable: the tree per active batch size (None: `tree` at every step).
         self.budget = None
 

@@ -17,12 +17,14 @@ V vocabulary.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from . import models
 from .consts import arange
+from .graphs import DraftSpec, draft_phase
 from .kvpool import KVPool, float_mask
 from .lean import supports_lean
 from .tree import NEG_INF, DraftTree, TreeConfig, TreeLayout, prune_tree
@@ -48,6 +50,13 @@ class TreeDrafter:
         if key not in self._layouts:
             self._layouts[key] = TreeLayout.build(cfg.top_k, cfg.frontier, depth, self.vocab_limit, self.dtype, device)
         return self._layouts[key]
+
+    def phase(self, cfg: TreeConfig, depth: int, temperature: float):
+        """(key, fn) of the static draft phase for this shape (graphs.draft_phase)."""
+        spec = DraftSpec(layout=self.layout(cfg, depth, self.model.device), config=cfg, vocab_limit=self.vocab_limit,
+                         embeddings=self.embeddings, temperature=temperature, dtype=self.dtype)
+        key = ("draft", cfg, depth, temperature)
+        return key, partial(draft_phase, self.model, spec)
 
     def _logprobs(self, logits: Tensor, temperature: float) -> Tensor:
         logits = logits[..., : self.vocab_limit]

@@ -31,10 +31,10 @@ L max_new_tokens.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -47,43 +47,12 @@ from .kvpool import KVPool, KVShape
 from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
 from .tree import DraftTree, verify_positions, verify_visibility
-from .verify import greedy_accept, inverse_cdf, sample_accept, target_probs
+from .verify import Acceptance, greedy_accept, inverse_cdf, sample_accept, target_probs
+from .graphs import VerifySpec, batch_bucket, length_bucket, pending_bucket, tree_tensors, verify_phase
+from .options import (SEED_BITS, SamplingOptions, default_top_k, eos_set, row_seed,  # noqa: F401 (re-exported)
+                      seeds_from)
 
-SEED_BITS = 63
 RESERVE_TOKENS = 256   # token slots an unplanned engine gives a row for new tokens before growing (kvpool.py)
-
-
-def row_seed(seed: int, key) -> int:
-    """A row's sampling seed from the run's seed and the row's id: the same wherever and whenever
-    the row is decoded (another batch, another actor, a resumed run)."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> (64 - SEED_BITS)
-
-
-@dataclass
-class SamplingOptions:
-    """What `generate(do_sample=...)` would do: temperature 0 = greedy (argmax); otherwise the
-    target's warpers in generate's order (temperature, top_k, top_p; top_k 0 = off)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eos: frozenset[int] = frozenset()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-
-    @property
-    def sampling(self) -> bool:
-        return self.temperature > 0
 
 
 @dataclass
@@ -322,18 +291,37 @@ class SpeculativeEngine:
 
         One host read per step (the accepted tokens, counts and node counts together); every
         length the step needs on the host is known from the previous reads."""
-        opts, dec, st = self.options, self.decoder, self._state
         occupied = [s for s, row in enumerate(self._slots) if row is not None]
         if not occupied:
             return StepResult(rows=0, accepted=[], nodes=0, draft_forwards=0, draft_s=0.0, verify_s=0.0)
-        B = occupied[-1] + 1                       # the step runs over slots [0, B); free ones are masked
+        timer = _PhaseTimer(self.device)
+        if self.decoder.graphs is not None:
+            B, tree, acc, host_t, n_draft, depth = self._static_phases(len(occupied), timer)
+        else:
+            B, tree, acc, host_t, n_draft, depth = self._eager_phases(occupied, timer)
+        timer.mark()
+        # The one host read of the step: lengths, node counts and tokens of every row.
+        host = read_host(host_t)
         rows = self._slots
+        gained = [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)]
+        self._tpool.advance_host(B, gained)
+        if depth >= 1:
+            self._pending_host[:B] = gained
+        else:
+            self._pending_host[:B] = [p + g for p, g in zip(self._pending_host[:B], gained)]
+        draft_s, verify_s = timer.seconds()
+        if self.step_observer is not None:
+            self.step_observer(tree, acc)
+        return self._account(occupied, host, n_draft, draft_s, verify_s)
+
+    def _eager_phases(self, occupied: list[int], timer: "_PhaseTimer"):
+        """Draft and verify op by op over slots [0, highest occupied + 1), at this step's exact shapes."""
+        opts, dec, st, rows = self.options, self.decoder, self._state, self._slots
+        B = occupied[-1] + 1                       # the step runs over slots [0, B); free ones are masked
         remaining = opts.max_new_tokens - min(len(rows[s].outputs) for s in occupied)
         shape = self.tree_for(len(occupied))
         depth = min(shape.max_depth, remaining - 1) if shape is not None else 0
         P = max(self._pending_host[:B])
-
-        timer = _PhaseTimer(self.device)
         n_draft = 0
         if depth >= 1:
             self._room(self._dpool, B, P + depth * shape.frontier)
@@ -341,13 +329,7 @@ class SpeculativeEngine:
                                                 self._pending_host[:B], depth, opts.temperature, shape)
         else:  # no drafting this step (the budget says it cannot pay, or one token is left): target alone
             tree = _empty_tree(B, self.device)
-            if P >= PENDING_CAP:   # keep the draft's backlog short
-                self._room(self._dpool, B, P)
-                dec.drafter.feed_pending(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
-                                         self._pending_host[:B])
-                st.pending_len[:B] = 0
-                self._pending_host[:B] = [0] * B
-                P, n_draft = 0, 1
+            n_draft = self._feed_backlog(B, P)
         timer.mark()
         Q = 1 + tree.tokens.shape[1]
         head = self._room(self._tpool, B, Q)
@@ -373,19 +355,65 @@ class SpeculativeEngine:
             st.pending_len[:B] += count
         st.last[:B] = acc.bonus
         st.produced[:B] += acc.length + 1
-        timer.mark()
-        # The one host read of the step: lengths, node counts and tokens of every row.
-        host = read_host(torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1))
-        gained = [(h[0] + 1) if rows[b] is not None else 0 for b, h in enumerate(host)]
-        self._tpool.advance_host(B, gained)
-        if depth >= 1:
-            self._pending_host[:B] = gained
-        else:
-            self._pending_host[:B] = [p + g for p, g in zip(self._pending_host[:B], gained)]
-        draft_s, verify_s = timer.seconds()
-        if self.step_observer is not None:
-            self.step_observer(tree, acc)
+        host_t = torch.cat([acc.length.unsqueeze(1), tree.num_nodes.unsqueeze(1), acc.tokens], 1)
+        return B, tree, acc, host_t, n_draft, depth
 
+    def _feed_backlog(self, B: int, P: int) -> int:
+        """A step without drafting: feed the draft its backlog once it reaches PENDING_CAP (keeps it
+        short). Returns the draft forwards made (0 or 1)."""
+        if P < PENDING_CAP:
+            return 0
+        st = self._state
+        self._room(self._dpool, B, P)
+        self.decoder.drafter.feed_pending(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
+                                          self._pending_host[:B])
+        st.pending_len[:B] = 0
+        self._pending_host[:B] = [0] * B
+        return 1
+
+    def _static_phases(self, active: int, timer: "_PhaseTimer"):
+        """Draft and verify as the static-shape phases of graphs.py (compiled or eager) at this
+        step's bucket: rows rounded up to a batch bucket, the tree at its full depth, the windows
+        read rounded up to a length bucket (the occupied slots are a prefix, see `_condense`)."""
+        dec, st = self.decoder, self._state
+        B = batch_bucket(active, self._tpool.rows)
+        shape = self.tree_for(active)
+        depth = shape.max_depth if shape is not None else 0
+        P_host = max(self._pending_host[:B])
+        n_draft = 0
+        if depth >= 1:
+            P = pending_bucket(P_host)
+            if P > st.pending.shape[1] or self._dpool.head(B) + P > self._dpool.length:
+                P = P_host
+            d_head = self._room(self._dpool, B, P)            # the feed's commit stores P slots per row
+            key, fn = dec.drafter.phase(shape, depth, self.options.temperature)
+            tree_t = dec.graphs.run(key, fn, self._dpool.kv, length_bucket(d_head, self._dpool.length),
+                                    self._dpool.lengths[:B], st.pending[:B, :P], st.pending_len[:B],
+                                    _causal(P, self.device))
+            self._dpool.advance_host(B, self._pending_host[:B])
+            tree = DraftTree(*tree_t)
+            n_draft = depth
+        else:
+            tree = _empty_tree(B, self.device)
+            n_draft = self._feed_backlog(B, P_host)
+        timer.mark()
+        head = self._room(self._tpool, B, depth + 1)          # the commit stores depth + 1 slots per row
+        opts = self.options
+        spec = VerifySpec(depth=depth, drafted=depth >= 1, temperature=opts.temperature, top_p=opts.top_p,
+                          top_k=opts.top_k, dtype=model_dtype(dec.target))
+        uniforms = st.uniforms[:B] if st.uniforms is not None else None
+        host_t, length, nodes = dec.graphs.run(
+            ("verify", spec), partial(verify_phase, dec.target, spec), self._tpool.kv,
+            length_bucket(head, self._tpool.length), self._tpool.lengths[:B], tree_tensors(tree), st.last[:B],
+            st.pending[:B], st.pending_len[:B], st.produced[:B], st.active[:B], uniforms)
+        acc = Acceptance(length=length[:active], nodes=nodes[:active], tokens=host_t[:active, 2:],
+                         bonus=st.last[:active])
+        return B, _rows_of(tree, active), acc, host_t, n_draft, depth
+
+    def _account(self, occupied: list[int], host: list, n_draft: int, draft_s: float,
+                 verify_s: float) -> StepResult:
+        """The host's side of a step from its one read: rows' outputs and stats, finished rows out."""
+        opts, rows = self.options, self._slots
         accepted, finished = [], []
         for b in occupied:
             n_acc, n_nodes, *step_tokens = host[b]
@@ -515,26 +543,21 @@ def _extend(out: list[int], tokens: list[int], opts: SamplingOptions) -> int | N
     return None
 
 
-def eos_set(target, eos_token_id) -> frozenset[int]:
-    """EOS ids: an id, a list ([] = never stop early) or None for the target's generation_config."""
-    if eos_token_id is None and target is not None:
-        eos_token_id = target.generation_config.eos_token_id
-    if eos_token_id is None:
-        return frozenset()
-    if isinstance(eos_token_id, int):
-        return frozenset({eos_token_id})
-    return frozenset(int(e) for e in eos_token_id)
+def _rows_of(tree: DraftTree, rows: int) -> DraftTree:
+    """The tree of the first `rows` rows (a bucket's active rows, for the step observer)."""
+    return DraftTree(*(None if t is None else t[:rows] for t in tree_tensors(tree)))
 
 
-def default_top_k(target) -> int:
-    """The top_k `generate(do_sample=True)` applies for this target: its generation config's, or
-    transformers' global default when the config leaves it unset (50 in transformers 5)."""
-    top_k = getattr(target.generation_config, "top_k", None)
-    if top_k is None:
-        from transformers import GenerationConfig
-        defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
-        top_k = defaults().get("top_k", 0) if defaults else 0
-    return int(top_k or 0)
+def _causal(width: int, device) -> Tensor:
+    """[width, width] bool lower triangle (a view of a cached one)."""
+    t = _CAUSAL.get(str(device))
+    if t is None or t.shape[0] < width:
+        t = _CAUSAL[str(device)] = torch.tril(torch.ones(max(width, 64), max(width, 64), dtype=torch.bool,
+                                                        device=device))
+    return t[:width, :width]
+
+
+_CAUSAL: dict = {}
 
 
 def _empty_tree(batch: int, device) -> DraftTree:
@@ -543,10 +566,3 @@ def _empty_tree(batch: int, device) -> DraftTree:
                      scores=torch.zeros(batch, 0, device=device),
                      valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
                      ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool, device=device))
-
-
-def seeds_from(generator: torch.Generator | None, rows: int) -> list[int]:
-    """Per-row seeds drawn from a generator (the `generate(generator=...)` form)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2 ** SEED_BITS - 1, (rows,), generator=generator, device=device).tolist()
-

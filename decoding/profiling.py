@@ -50,6 +50,7 @@ class StepProfiler:
         self.views: Counter = Counter()      # phase -> view ops
         self.syncs: Counter = Counter()      # phase -> host syncs
         self.forwards: Counter = Counter()   # phase -> model forwards
+        self.graphs: Counter = Counter()     # phase -> compiled phase graphs launched (graphs.py)
         self.by_name: Counter = Counter()    # (phase, op name) -> count
 
     def _count(self, func) -> None:
@@ -83,6 +84,21 @@ class StepProfiler:
                 profiler.phase = outer
 
         models.model_forward = counted_forward
+        import decoding.graphs as graphs
+
+        self._graphs = graphs
+        self._run_graph = graphs.run_graph
+
+        def counted_graph(fn, *args):
+            if not graphs.is_compiled(fn):        # static phases run eagerly: their ops are counted as usual
+                return profiler._run_graph(fn, *args)
+            profiler.graphs[profiler.phase] += 1  # one launch (a CUDA graph replay on a GPU); its kernels are not
+            from torch.utils._python_dispatch import _disable_current_modes   # dispatched one by one
+
+            with _disable_current_modes():
+                return profiler._run_graph(fn, *args)
+
+        graphs.run_graph = counted_graph
         self._tolist = torch.Tensor.tolist
         self._cuda_sync = torch.cuda.synchronize
 
@@ -105,12 +121,14 @@ class StepProfiler:
         torch.Tensor.tolist = self._tolist
         torch.cuda.synchronize = self._cuda_sync
         self._models.model_forward = self._forward
+        self._graphs.run_graph = self._run_graph
 
     def report(self, steps: int = 1, top: int = 8) -> dict:
         """Per phase, per step: ops (not views), views, host syncs, model forwards; and the most
         frequent ops outside the model forwards."""
         out = {phase: {"ops": round(self.ops[phase] / steps, 1), "views": round(self.views[phase] / steps, 1),
-                       "syncs": round(self.syncs[phase] / steps, 2), "forwards": round(self.forwards[phase] / steps, 2)}
+                       "syncs": round(self.syncs[phase] / steps, 2), "forwards": round(self.forwards[phase] / steps, 2),
+                       "graphs": round(self.graphs[phase] / steps, 2)}
                for phase in PHASES}
         other = Counter({name: n for (phase, name), n in self.by_name.items() if phase == "other"})
         out["other"]["top_ops"] = {name: round(n / steps, 1) for name, n in other.most_common(top)}

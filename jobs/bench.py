@@ -6,7 +6,11 @@ On the same images and prompt, in one process, methods are interleaved round aft
   hf_assisted    HF assisted generation with the same draft (a chain; batch 1 only, HF raises above);
   static_tree    our decoder with a fixed-shape tree (top-k siblings along the draft's greedy chain);
   dynamic_tree   our decoder with the dynamic tree; its shape per active batch size (or no drafting
-                 where a tree cannot pay) is measured on this device first, unless --no-budget.
+                 where a tree cannot pay) is measured on this device first, unless --no-budget;
+  plain_engine   this engine without drafting (plain decoding on its KV pool, compiled with --compile on);
+  hf_static      (opt-in) HF generate with a static cache and a compiled forward (transformers' route).
+Speculative methods are reported against target greedy and against the best plain decoder at each
+batch size (`vs_best_plain`: target_greedy, hf_static, plain_engine; the JSON names which won).
 Per method and batch size: tokens/s, mean accepted length tau (decoding.stats.mean_accepted_length),
 target forwards per token, and token match rate against target_greedy.
 
@@ -42,7 +46,13 @@ from jobs.common import DEMO_PAIR, POSITIVE_INT, UserError, add_dtype_argument, 
 
 # torch and the decoder are imported inside the functions that use them: `specllava --help`
 # builds this parser too, and must not pay for a torch import.
-METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree")
+METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree", "plain_engine", "hf_static")
+DEFAULT_METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree", "plain_engine")
+# Plain (non-speculative) decoders: what speculation is also compared against, at each batch size
+# (target_greedy = HF generate with its dynamic cache; hf_static = HF generate with a static cache
+# and a compiled forward, transformers' documented fast route; plain_engine = this engine without drafting).
+PLAIN_METHODS = ("target_greedy", "hf_static", "plain_engine")
+HF_METHODS = ("target_greedy", "hf_assisted", "hf_static")
 BASELINE = "target_greedy"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
 QUICK_BATCH_SIZES = "1,2"
@@ -72,7 +82,13 @@ def add_parser(sub) -> None:
     add_dtype_argument(p, default="float32")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)}; hf_static compiles "
+                        "the target's forward per batch size, minutes on a CPU)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="our engine's step graphs (decoding/graphs.py): on = static shapes, torch.compile "
+                        "(CUDA graphs on CUDA); off = op by op; auto (default) = on for CUDA, off on a CPU. The "
+                        "untimed warm-up batch compiles; its seconds are reported as warmup_s")
     p.add_argument("--no-budget", action="store_true", help="use the default TreeConfig for dynamic_tree "
                    "instead of measuring a budget on this device")
     p.add_argument("--chart", default="bench.png", help="PNG chart path ('' to skip; default bench.png)")
@@ -154,12 +170,18 @@ def run_method(method, target, draft, batches, args, eos, decoders, max_new_toke
     for ids, mask, pixels in batches:
         sync(args.device)
         t0 = time.perf_counter()
-        if method in ("target_greedy", "hf_assisted"):
+        if method in HF_METHODS:
             counter = ForwardCounter(target)
             kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
                           do_sample=False, eos_token_id=sorted(eos), pad_token_id=target.generation_config.pad_token_id)
             if method == "hf_assisted":
                 kwargs["assistant_model"] = draft
+            if method == "hf_static":   # transformers' route: a static cache, the decode forward compiled
+                from transformers import CompileConfig
+
+                config = CompileConfig(mode="reduce-overhead" if torch.device(args.device).type == "cuda" else "default")
+                config._compile_all_devices = True      # transformers compiles on CUDA only unless told
+                kwargs.update(cache_implementation="static", compile_config=config)
             with torch.no_grad():
                 out = target.generate(**kwargs)[:, ids.shape[1]:].tolist()
             counter.close()
@@ -228,7 +250,7 @@ def best_lines(best: list[dict], speedups: dict[str, float], baseline: str = BAS
     """The table's `best` lines: one per method, with its speedup over the baseline's best, or
     "no drafting" where that method's best run was one in which the budget chose not to draft."""
     plain = {(r["method"], r["batch_size"]) for r in runs or [] if r.get("drafting") is False
-             and r["method"] != baseline}
+             and r["method"] != baseline and not r.get("plain")}
     lines = []
     for b in best:
         line = f"best {b['method']:<14} {b['tokens_per_s']:8.1f} tok/s at batch {b['batch_size']}"
@@ -257,7 +279,7 @@ def run(args) -> int:
     import torch
 
     from decoding import SpeculativeDecoder, TreeConfig
-    from decoding.budget import choose_table
+    from decoding.budget import BudgetEntry, BudgetTable, choose_table
     from decoding.loading import parse_dtype
     from decoding.stats import mean_accepted_length
     from jobs.charts import bench_chart
@@ -287,7 +309,7 @@ def run(args) -> int:
     text, images = make_inputs(processor, args.images, args.prompt)
 
     static = TreeConfig(top_k=4, frontier=1, max_depth=5, max_nodes=20, threshold=0.0)
-    dynamic = SpeculativeDecoder(target, draft, TreeConfig())
+    dynamic = SpeculativeDecoder(target, draft, TreeConfig(), compile=args.compile)
     budget = None
     if "dynamic_tree" in methods and not args.no_budget:
         ids, mask, pixels = encode(processor, text, images[: min(4, len(images))], args.device, dtype)
@@ -299,16 +321,23 @@ def run(args) -> int:
                                                               f"max_depth={entry.tree.max_depth}")
             log(f"budget at batch >= {entry.batch_size}: {shape} (step ms: "
                 f"{ {k: round(v * 1e3, 1) for k, v in entry.step_s.items()} })")
-    decoders = {"static_tree": SpeculativeDecoder(target, draft, static), "dynamic_tree": dynamic}
+    plain = SpeculativeDecoder(target, draft, TreeConfig(), compile=args.compile)
+    plain.budget = BudgetTable(entries=[BudgetEntry(batch_size=1, tree=None)])    # never drafts
+    decoders = {"static_tree": SpeculativeDecoder(target, draft, static, compile=args.compile),
+                "dynamic_tree": dynamic, "plain_engine": plain}
 
     runs = []
     for bs in batch_sizes:
         batches = [encode(processor, text, images[i:i + bs], args.device, dtype)
                    for i in range(0, len(images), bs)][:args.max_batches]
         active = [m for m in methods if not (m == "hf_assisted" and bs > 1)]
-        # warm-up: one short batch per method, not timed
+        # warm-up: one short batch per method, not timed (with --compile on it compiles the step graphs;
+        # hf_static compiles its forward): its seconds are reported as warmup_s
+        warmup = {}
         for m in active:
+            t0 = time.perf_counter()
             run_method(m, target, draft, batches[:1], args, eos, decoders, min(args.max_new_tokens, WARMUP_TOKENS))
+            warmup[m] = time.perf_counter() - t0
         results = {m: [] for m in active}
         for _ in range(args.rounds):
             for m in active:
@@ -320,8 +349,9 @@ def run(args) -> int:
             tps = statistics.median(tokens / r[1] for r in results[m])
             rows = len(seqs)
             tau = mean_accepted_length(tokens, forwards, rows) or 0.0
-            drafting = m != "target_greedy" and not (m == "dynamic_tree" and budget and budget.lookup(bs) is None)
+            drafting = m not in PLAIN_METHODS and not (m == "dynamic_tree" and budget and budget.lookup(bs) is None)
             runs.append({"method": m, "batch_size": bs, "rows": rows, "tokens": tokens, "drafting": drafting,
+                         "plain": m in PLAIN_METHODS, "warmup_s": round(warmup[m], 2),
                          "tokens_per_s": round(tps, 2), "mean_accepted": round(tau, 3),
                          "target_forwards_per_token": round(forwards / max(1, tokens), 4),
                          "match_rate": round(match_rate(seqs, reference), 4) if reference is not None else None})
@@ -331,21 +361,45 @@ def run(args) -> int:
     speedups = speedup_best_vs_best(best)
     report = {"device": str(args.device), "dtype": args.dtype, "runs": runs,
               "best": best, "speedup_best_vs_best": speedups,
+              "vs_best_plain": vs_best_plain(runs), "compile": args.compile,
               "tree": {"static": vars_of(static), "dynamic": vars_of(dynamic.tree)},
               "budget": budget.to_dict() if budget else None,
               "settings": {"images": args.images, "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens,
                            "ignore_eos": bool(args.ignore_eos), "prompt": args.prompt, "max_batches": args.max_batches,
-                           "rounds": args.rounds, "threads": torch.get_num_threads(), "quick": bool(args.quick)}}
+                           "rounds": args.rounds, "threads": torch.get_num_threads(), "quick": bool(args.quick),
+                           "compile": args.compile}}
     if args.chart:
         bench_chart(runs, best, speedups, args.chart)
         log(f"chart: {args.chart}")
     if not args.json:
         log_speedups(runs, log)
+        for row in report["vs_best_plain"]:
+            log(f"batch {row['batch_size']:>3}  {row['method']:<14} {row['speedup']:.2f}x the best plain decoder "
+                f"here ({row['plain_method']}, {row['plain_tokens_per_s']:.1f} tok/s)")
     for line in best_lines(best, speedups, runs=runs):
         log(line)
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def vs_best_plain(runs: list[dict]) -> list[dict]:
+    """Per batch size and speculative method: its tokens/s over the fastest plain decoder measured
+    at that batch size (PLAIN_METHODS), named in `plain_method`; speculation must beat the best
+    non-speculative decoder a user could run, not only HF's default generate."""
+    out = []
+    for bs in sorted({r["batch_size"] for r in runs}):
+        here = [r for r in runs if r["batch_size"] == bs]
+        plain = [r for r in here if r["method"] in PLAIN_METHODS]
+        if not plain:
+            continue
+        best = max(plain, key=lambda r: r["tokens_per_s"])
+        for r in here:
+            if r["method"] not in PLAIN_METHODS:
+                out.append({"batch_size": bs, "method": r["method"], "drafting": r.get("drafting"),
+                            "speedup": round(r["tokens_per_s"] / best["tokens_per_s"], 3),
+                            "plain_method": best["method"], "plain_tokens_per_s": best["tokens_per_s"]})
+    return out
 
 
 def vars_of(cfg) -> dict:

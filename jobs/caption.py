@@ -48,7 +48,7 @@ def run_caption_command(args) -> int:
             cpus_per_actor=args.cpus_per_actor, stage_cpus=args.stage_cpus, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, max_concurrent_batches=args.max_concurrent_batches,
-            tree_budget=args.tree_budget, kv_memory_gb=args.kv_memory_gb, tree=tree_options(args), dtype=args.dtype, address=args.address,
+            tree_budget=args.tree_budget, compile=args.compile, kv_memory_gb=args.kv_memory_gb, tree=tree_options(args), dtype=args.dtype, address=args.address,
             commit_rows=args.commit_rows, dry_run=args.dry_run, device=args.device)
     except PipelineError as exc:
         raise UserError(str(exc)) from None

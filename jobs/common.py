@@ -177,6 +177,10 @@ def add_caption_arguments(p, *, address: bool = True) -> None:
     p.add_argument("--tree-budget", default="auto", choices=["auto", "off"], help="auto: each caption actor "
                    "measures on its device which tree (or no drafting) is fastest at each active batch size up to "
                    "--batch-size, before its first batch; off: the --tree-* shape at every step (default auto)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="how each decode step runs "
+                   "(decoding/graphs.py): on = static shapes and compiled step graphs (CUDA graphs on a GPU; the "
+                   "first steps of each batch bucket compile, shown in the actor's start-up log), off = op by op; "
+                   "auto = on for CUDA, off on a CPU, where compiling does not pay (docs/benchmarks.md)")
     p.add_argument("--tree-threshold", type=number(float, 0.0, 1.0, high_open=True),
                    help="do not expand frontier nodes below this draft path probability (the greedy chain "
                    "always is); saves no draft work, since every depth is drafted (default 0 = off)")

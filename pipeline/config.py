@@ -40,6 +40,7 @@ class CaptionConfig:
     seed: int | None = None          # sampling: a row's caption depends only on (seed, id)
     max_concurrent_batches: int = 8  # input batches in flight per caption actor (1 = no continuous batching)
     tree_budget: str = "auto"        # auto: each actor measures the tree per active batch size; off: `tree` always
+    compile: str = "auto"            # step graphs (decoding/graphs.py): on, off, auto = on for CUDA only
     kv_memory_gb: float | None = None  # KV plan per actor (decoding/capacity.py); None: 90% of free GPU memory / no plan on CPU
     tree: dict = field(default_factory=dict)  # decoding.TreeConfig fields
     dtype: str = "auto"
@@ -67,6 +68,8 @@ class CaptionConfig:
             raise PipelineError(f"--kv-memory-gb must be > 0, got {self.kv_memory_gb!r}")
         if self.tree_budget not in ("auto", "off"):
             raise PipelineError(f"--tree-budget must be auto or off, got {self.tree_budget!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise PipelineError(f"--compile must be auto, on or off, got {self.compile!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise PipelineError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

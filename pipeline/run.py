@@ -229,7 +229,7 @@ def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
             top_k=config.top_k, tree=dict(config.tree), s3_endpoint=config.s3_endpoint, dtype=config.dtype,
             device="cuda" if config.gpus_per_actor > 0 else "cpu", torch_threads=threads,
             seed=config.seed, batch_size=config.batch_size, tree_budget=config.tree_budget,
-            kv_memory_gb=config.kv_memory_gb))
+            compile=config.compile, kv_memory_gb=config.kv_memory_gb))
 
 
 def execute(ds, writer: UnitWriter) -> None:

@@ -121,6 +121,10 @@ def main() -> int:
     ap.add_argument("--pairs", default="demo,tiny")
     ap.add_argument("--shapes", default="none,1x1,4x3,8x4,24x6,48x8")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--compile", default="off",
+                    help="how steps run, a comma list of: off (op by op at exact shapes), static (the static-shape "
+                         "phases, not compiled), on (compiled; the first call per bucket compiles, outside the "
+                         "timed steps)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="the tree's confidence threshold (default: TreeConfig's); 0 = every depth is drafted")
     args = ap.parse_args()
@@ -130,19 +134,28 @@ def main() -> int:
         if pair not in PAIRS:
             ap.error(f"--pairs: unknown pair {pair!r} (choose from {', '.join(PAIRS)})")
         target, draft, inputs = tiny_pair(device, dtype) if pair == "tiny" else PAIRS[pair](device, dtype, sizes)
-        decoder = SpeculativeDecoder(target, draft)
         rows = report["by_pair"][pair] = {}
-        for batch in sizes:
-            for name in args.shapes.split(","):
-                row = profile(decoder, inputs, batch, parse_shape(name, args.threshold), args.steps, device)
-                rows[f"{batch}/{name}"] = row
-                o = row["other"]
-                print(f"{pair:>5} batch {batch:>3} {name:>5}: other {o['ops']:6.1f} ops (+{o['views']:5.1f} views)  "
-                      f"draft fwd {row['draft_forward']['ops']:6.1f} ops in {row['draft_forward']['forwards']:.0f}  "
-                      f"verify fwd {row['verify_forward']['ops']:6.1f}  syncs {row['syncs_per_step']:5.2f}  "
-                      f"step {row['step_ms']:8.2f} ms", file=sys.stderr)
+        for mode in args.compile.split(","):
+            decoder = SpeculativeDecoder(target, draft, compile=mode)
+            for batch in sizes:
+                for name in args.shapes.split(","):
+                    row = profile(decoder, inputs, batch, parse_shape(name, args.threshold), args.steps, device)
+                    row["compile"] = mode
+                    if decoder.graphs is not None and decoder.graphs.compile_s:
+                        row["compile_s"] = round(sum(decoder.graphs.compile_s.values()), 1)
+                    rows[f"{batch}/{name}" + ("" if mode == "off" else f"/{mode}")] = row
+                    _print_row(pair, mode, batch, name, row)
     print(json.dumps(report))
     return 0
+
+
+def _print_row(pair: str, mode: str, batch: int, name: str, row: dict) -> None:
+    o = row["other"]
+    print(f"{pair:>5} {mode:>6} batch {batch:>3} {name:>5}: other {o['ops']:6.1f} ops (+{o['views']:5.1f} views) "
+          f"graphs {o['graphs']:3.0f}  "
+          f"draft fwd {row['draft_forward']['ops']:6.1f} ops in {row['draft_forward']['forwards']:.0f}  "
+          f"verify fwd {row['verify_forward']['ops']:6.1f}  syncs {row['syncs_per_step']:5.2f}  "
+          f"step {row['step_ms']:8.2f} ms", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ class CaptionWorker:
             drafting) gives the most tokens/s at each active batch size up to batch_size
             (decoding.budget.choose_table) and uses that table; "off" uses `tree` at every step.
         tree: dict of `decoding.TreeConfig` fields (None: defaults).
+        compile: how steps run (decoding/graphs.py): "on" static shapes and compiled step graphs,
+            "off" op by op, "auto" on for CUDA only. Graphs compile on first use of a batch bucket
+            (during the budget calibration, when it runs); `startup` reports their seconds.
         device: "auto" (cuda when available), "cpu" or "cuda".
         dtype: "auto" (bf16 on cuda, fp32 on cpu) or a name decoding.loading.parse_dtype knows.
         torch_threads: intra-op threads on CPU (None: leave torch's default).
@@ -84,7 +87,7 @@ class CaptionWorker:
                  tree: dict | None = None, s3_endpoint: str | None = None, device: str = "auto",
                  dtype: str = "auto", torch_threads: int | None = None, seed: int | None = None,
                  batch_size: int = 8, tree_budget: str = "off", kv_memory_gb: float | None = None,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, compile: str = "off"):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -103,7 +106,7 @@ class CaptionWorker:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0
         self.tree = TreeConfig(**(tree or {}))
-        self.decoder = SpeculativeDecoder(self.target, self.draft, tree=self.tree)
+        self.decoder = SpeculativeDecoder(self.target, self.draft, tree=self.tree, compile=compile)
         self.id_column = id_column
         if tree_budget not in ("auto", "off"):
             raise ValueError(f"tree_budget must be 'auto' or 'off', got {tree_budget!r}")
@@ -123,6 +126,7 @@ class CaptionWorker:
         self.drill = Drill()
         self._drill_lock = None
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
+        self._compiles_reported = False
         self.drill.event("init")
 
     def _plan(self, kv_memory_gb, max_prompt_tokens, max_new_tokens: int, batch_size: int, tree_budget: str):
@@ -191,6 +195,17 @@ class CaptionWorker:
         self.decoder.budget = table
         self.batcher.engine.tree_for = table.lookup
         self.budget = table.to_dict()
+        print(f"caption actor: tree budget {describe_budget(table)}", flush=True)
+        self._report_compiles("budget calibration")
+        self._compiles_reported = True
+
+    def _report_compiles(self, during: str) -> None:
+        """The start-up log's line on compiled step graphs (--compile on): how many, how long."""
+        graphs = self.decoder.graphs
+        if graphs is not None and graphs.mode is not None and graphs.compile_s:
+            print(f"caption actor: compiled {len(graphs.compile_s)} step graphs in "
+                  f"{sum(graphs.compile_s.values()):.1f} s during the {during} (mode {graphs.mode}; more compile "
+                  "on first use of another batch bucket)", flush=True)
 
     def _finish(self, batch: pa.Table, ok: list[int], results: list, drill_ids) -> pa.Table:
         n = batch.num_rows
@@ -210,6 +225,9 @@ class CaptionWorker:
                 columns["tree_nodes_mean"][i] = (sum(s.tree_nodes) / len(s.tree_nodes)) if s.tree_nodes else 0.0
                 columns["decode_s"][i] = results[j].decode_s
             self.rows_decoded += len(ok)
+            if not self._compiles_reported:
+                self._compiles_reported = True
+                self._report_compiles("first batch")
         self.drill.event("return", drill_ids)
         id_col = batch.column(self.id_column).combine_chunks()
         schema = output_schema(self.id_column, id_col.type)
@@ -241,3 +259,12 @@ class CaptionWorker:
         if channels * side * side != width:
             raise ValueError(f"pixel_values rows of {width} floats are not {channels} square channels")
         return channels, side, side
+
+
+def describe_budget(table) -> str:
+    """A budget table in one readable line: 'batch>=1: 8 nodes/depth 4, batch>=8: no drafting'."""
+    parts = []
+    for entry in table.entries:
+        shape = "no drafting" if entry.tree is None else f"{entry.tree.max_nodes} nodes/depth {entry.tree.max_depth}"
+        parts.append(f"batch>={entry.batch_size}: {shape}")
+    return ", ".join(parts)

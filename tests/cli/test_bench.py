@@ -19,7 +19,7 @@ from jobs.common import UserError
 from tests.helpers import random_batch
 
 RUN_KEYS = {"method", "batch_size", "rows", "tokens", "drafting", "tokens_per_s", "mean_accepted",
-            "target_forwards_per_token", "match_rate"}
+            "target_forwards_per_token", "match_rate", "plain", "warmup_s"}
 BEST_KEYS = {"method", "batch_size", "tokens_per_s"}
 
 
@@ -49,16 +49,20 @@ def test_bench_quick_json(tmp_path, capsys):
     assert isinstance(report["device"], str) and report["dtype"] == "float32"  # the one dtype vocabulary
     methods = {(r["method"], r["batch_size"]) for r in report["runs"]}
     assert methods == {("target_greedy", 1), ("hf_assisted", 1), ("static_tree", 1), ("dynamic_tree", 1),
-                       ("target_greedy", 2), ("static_tree", 2), ("dynamic_tree", 2)}
+                       ("plain_engine", 1), ("target_greedy", 2), ("static_tree", 2), ("dynamic_tree", 2),
+                       ("plain_engine", 2)}
     for r in report["runs"]:
         assert set(r) == RUN_KEYS
         assert r["tokens_per_s"] > 0
         assert r["match_rate"] == 1.0             # fp32: every method reproduces target greedy
-        if r["method"] == "target_greedy":
+        if r["method"] in ("target_greedy", "plain_engine"):   # plain decoders: one target forward per token
             assert r["mean_accepted"] == 1.0 and r["target_forwards_per_token"] == 1.0
+            assert r["plain"] is True and r["drafting"] is False
+        assert r["warmup_s"] > 0
     assert report["settings"]["batch_sizes"] == [1, 2] and report["settings"]["images"] == 4
     # best: one entry per method, the maximum of that method's own rows, at a batch size it ran
-    assert [b["method"] for b in report["best"]] == ["target_greedy", "hf_assisted", "static_tree", "dynamic_tree"]
+    assert [b["method"] for b in report["best"]] == ["target_greedy", "hf_assisted", "static_tree", "dynamic_tree",
+                                                    "plain_engine"]
     for b in report["best"]:
         assert set(b) == BEST_KEYS
         mine = [r for r in report["runs"] if r["method"] == b["method"]]
@@ -67,7 +71,15 @@ def test_bench_quick_json(tmp_path, capsys):
             r for r in mine if r["batch_size"] == b["batch_size"]).items()
     assert next(b for b in report["best"] if b["method"] == "hf_assisted")["batch_size"] == 1   # batch 1 only
     base = next(b for b in report["best"] if b["method"] == "target_greedy")["tokens_per_s"]
-    assert set(report["speedup_best_vs_best"]) == {"hf_assisted", "static_tree", "dynamic_tree"}
+    assert set(report["speedup_best_vs_best"]) == {"hf_assisted", "static_tree", "dynamic_tree", "plain_engine"}
+    # against the best plain decoder at each batch size, which the JSON names
+    plain = {(p["method"], p["batch_size"]): p["tokens_per_s"] for p in report["runs"] if p["plain"]}
+    assert {(v["method"], v["batch_size"]) for v in report["vs_best_plain"]} == {
+        (m, b) for m, b in methods if m in ("hf_assisted", "static_tree", "dynamic_tree")}
+    for v in report["vs_best_plain"]:
+        best_plain = max((tps, m) for (m, b), tps in plain.items() if b == v["batch_size"])
+        assert (v["plain_tokens_per_s"], v["plain_method"]) == best_plain
+    assert report["compile"] == "auto"
     for b in report["best"][1:]:
         assert report["speedup_best_vs_best"][b["method"]] == pytest.approx(b["tokens_per_s"] / base, abs=1e-3)
     assert "best target_greedy" in captured.err and "best dynamic_tree" in captured.err   # the table's best lines
@@ -285,3 +297,23 @@ def test_forward_latency_positive():
     target, _ = _pair()
     lat = forward_latency(target, sizes=(1, 4), prefix_len=8, repeats=1)
     assert set(lat) == {1, 4} and all(v > 0 for v in lat.values())
+
+
+def test_bench_compiled_engine_and_hf_static(capsys):
+    """--compile on runs our engine's step graphs (plain_engine: the verify graph alone; the drafting
+    graphs are tested in tests/decoding/test_graphs.py); hf_static is HF generate with a static cache
+    and a compiled forward. Both reproduce target greedy exactly (fp32); the warm-up (the compiles)
+    is timed."""
+    assert main(["bench", "--quick", "--json", "--chart", "", "--batch-sizes", "1", "--images", "1",
+                 "--methods", "target_greedy,hf_static,plain_engine", "--compile", "on",
+                 "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["compile"] == "on"
+    for r in report["runs"]:
+        assert r["match_rate"] == 1.0, r["method"]
+    warm = {r["method"]: r["warmup_s"] for r in report["runs"]}
+    assert warm["plain_engine"] > 10 * warm["target_greedy"]     # the compile happened in the warm-up
+    assert warm["hf_static"] > 10 * warm["target_greedy"]
+    assert report["vs_best_plain"] == []                    # no speculative method ran
+    assert "best plain_engine" in captured.err and "no drafting there" not in captured.err

@@ -56,8 +56,9 @@ def wave_of(ids, mask, pixels, rows, seeds=None):
 CASES = [pytest.param(seed, id=f"seed{seed}") for seed in range(8)]
 
 
+@pytest.mark.parametrize("compile", ["off", "static"])
 @pytest.mark.parametrize("seed", CASES)
-def test_rows_joining_mid_flight_equal_their_solo_greedy_output(seed):
+def test_rows_joining_mid_flight_equal_their_solo_greedy_output(seed, compile):
     rng = random.Random(seed)
     text = ["llama", "qwen2", "mistral"][seed % 3]
     target = target_model(text, "default", seed % 4)
@@ -71,7 +72,7 @@ def test_rows_joining_mid_flight_equal_their_solo_greedy_output(seed):
     eos = free[rng.randrange(n)][rng.randrange(3)]
     tree = TreeConfig(top_k=rng.randint(1, 4), frontier=rng.randint(1, 4), max_depth=rng.randint(1, 6),
                       max_nodes=rng.randint(1, 24), threshold=rng.choice([0.0, 0.05]))
-    engine = SpeculativeDecoder(target, draft, tree).engine(max_new_tokens=max_new, eos_token_id=eos)
+    engine = SpeculativeDecoder(target, draft, tree, compile=compile).engine(max_new_tokens=max_new, eos_token_id=eos)
     order = list(range(n))
     rng.shuffle(order)
     cuts = sorted(rng.sample(range(1, n), 2))
@@ -179,8 +180,9 @@ def reference_sample(target, ids, mask, pixels, seed, max_new, temperature, top_
     return out
 
 
+@pytest.mark.parametrize("compile", ["off", "static"])
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.8, 0.9, 0), (1.2, 1.0, 5), (0.7, 0.8, 20)])
-def test_sampled_row_depends_only_on_its_seed(temperature, top_p, top_k):
+def test_sampled_row_depends_only_on_its_seed(temperature, top_p, top_k, compile):
     V = 64
     target = make_tiny_llava(seed=5, vocab_size=V, image_token_id=V - 1, hidden_size=32, initializer_range=0.3)
     draft = perturbed_copy(target, 0.3, seed=1)
@@ -192,11 +194,12 @@ def test_sampled_row_depends_only_on_its_seed(temperature, top_p, top_k):
     assert len({tuple(e) for e in expected}) == n
     opts = dict(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos)
     # one batch, default tree
-    together = SpeculativeDecoder(target, draft).generate(ids, mask, pixels, seeds=seeds, **opts)
+    together = SpeculativeDecoder(target, draft, compile=compile).generate(ids, mask, pixels, seeds=seeds, **opts)
     assert together.sequences == expected
     assert any(len(st.accepted_lengths) < len(seq) - 1 for st, seq in zip(together.stats, expected))  # drafts accepted
     # another tree, rows joining in waves in another order
-    engine = SpeculativeDecoder(target, draft, TreeConfig(top_k=2, frontier=2, max_depth=3, max_nodes=5)).engine(**opts)
+    engine = SpeculativeDecoder(target, draft, TreeConfig(top_k=2, frontier=2, max_depth=3, max_nodes=5),
+                                compile=compile).engine(**opts)
     order = [4, 1, 5, 0, 3, 2]
     waves = [wave_of(ids, mask, pixels, order[:2], [seeds[b] for b in order[:2]]),
              wave_of(ids, mask, pixels, order[2:5], [seeds[b] for b in order[2:5]]),
@@ -223,7 +226,8 @@ def test_default_top_k_is_what_generate_applies():
     assert default_top_k(target) == 0
 
 
-def test_budget_table_switching_shapes_and_skipping_drafts_stays_exact():
+@pytest.mark.parametrize("compile", ["off", "static"])
+def test_budget_table_switching_shapes_and_skipping_drafts_stays_exact(compile):
     """The engine looks the tree up per active batch size; steps without drafting let the draft's
     backlog grow (fed once it reaches PENDING_CAP) and output stays the target's greedy output."""
     from decoding.budget import BudgetEntry, BudgetTable
@@ -232,7 +236,7 @@ def test_budget_table_switching_shapes_and_skipping_drafts_stays_exact():
     target = target_model("qwen2", "default", 2)
     draft = copy.deepcopy(target)   # a perfect draft: any error in the draft's state shows as lost acceptance
     ids, mask, pixels = random_batch(target, 8, [5, 17, 2, 9, 30, 4, 12, 7], seed=13)
-    decoder = SpeculativeDecoder(target, draft)
+    decoder = SpeculativeDecoder(target, draft, compile=compile)
     decoder.budget = BudgetTable(entries=[BudgetEntry(1, TreeConfig(threshold=0.0)), BudgetEntry(2, None),
                                           BudgetEntry(4, TreeConfig(max_nodes=1, max_depth=1)), BudgetEntry(6, None)])
     max_new = PENDING_CAP + 14

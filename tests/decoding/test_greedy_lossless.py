@@ -80,14 +80,17 @@ def pick_eos(target, ids, mask, pixels, mode, max_new):
     return token if mode == "inside" else [token, 2]
 
 
+@pytest.mark.parametrize("compile", ["off", "static"])
 @pytest.mark.parametrize("case", make_cases())
-def test_greedy_equals_target_generate(case):
+def test_greedy_equals_target_generate(case, compile):
+    """compile: the engine's eager step ("off") and the static-shape phases of graphs.py run
+    uncompiled ("static"; tests/decoding/test_graphs.py runs them compiled)."""
     target = target_model(case["text"], case["strategy"], case["seed"])
     draft = draft_model(case["kind"], case["text"], case["strategy"], case["seed"])
     ids, mask, pixels = random_batch(target, case["batch"], case["lengths"], seed=case["data_seed"])
     eos = pick_eos(target, ids, mask, pixels, case["eos_mode"], case["max_new"])
     expected = target_greedy(target, ids, mask, pixels, case["max_new"], eos)
-    decoder = SpeculativeDecoder(target, draft, tree=case["tree"])
+    decoder = SpeculativeDecoder(target, draft, tree=case["tree"], compile=compile)
     result = decoder.generate(ids, mask, pixels, max_new_tokens=case["max_new"],
                               eos_token_id=[] if eos is None else eos)
     assert result.sequences == expected

@@ -82,10 +82,10 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def speculative_counts(pair, temperature, top_p, seed=0):
+def speculative_counts(pair, temperature, top_p, seed=0, compile="off"):
     target, draft, ids, mask, pixels = pair
     decoder = SpeculativeDecoder(target, draft, TreeConfig(top_k=2, frontier=2, max_depth=3, max_nodes=6,
-                                                           threshold=0.0))
+                                                           threshold=0.0), compile=compile)
     gen = torch.Generator().manual_seed(seed)
     counts = torch.zeros(V, V, V, dtype=torch.long)
     accepted = []
@@ -100,10 +100,12 @@ def speculative_counts(pair, temperature, top_p, seed=0):
     return counts, accepted
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9)])
-def test_joint_distribution_matches_target(pair, temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,compile", [(1.0, 1.0, "off"), (0.7, 1.0, "off"), (0.7, 0.9, "off"),
+                                                       (0.7, 0.9, "static")])
+def test_joint_distribution_matches_target(pair, temperature, top_p, compile):
+    """compile "static": the static-shape step phases (graphs.py), uncompiled."""
     target, draft, ids, mask, pixels = pair
-    counts, accepted = speculative_counts(pair, temperature, top_p)
+    counts, accepted = speculative_counts(pair, temperature, top_p, compile=compile)
     assert int(counts.sum()) == N_SAMPLES
     # the verify step really exercised acceptance and rejection
     assert 0 < sum(a == 1 for a in accepted) < len(accepted)

@@ -193,3 +193,18 @@ def test_pixel_upload_on_cuda_goes_through_pinned_memory():
     pixels = upload_pixels(flat, [1, 3], (3, 2, 2), torch.device("cuda"), torch.bfloat16)
     assert pixels.device.type == "cuda" and pixels.dtype == torch.bfloat16
     assert torch.equal(pixels.cpu(), torch.tensor(flat[[1, 3]]).reshape(2, 3, 2, 2).to(torch.bfloat16))
+
+
+def test_compiled_step_graphs_in_the_actor(preprocessor, tiny_pair, capsys):
+    """--compile on: the actor's engine runs the compiled step graphs (decoding/graphs.py); its
+    captions stay the target's and the start-up log says what was compiled and how long it took."""
+    from workers.caption import CaptionWorker
+
+    worker = CaptionWorker(*tiny_pair, max_new_tokens=MAX_NEW, torch_threads=1, batch_size=1, compile="on")
+    assert worker.decoder.graphs is not None and worker.decoder.graphs.mode == "default"
+    images, prompts = {"c0": png_bytes(77)}, {"c0": "w4 w5"}
+    out = worker.caption(preprocessor(pa.table({"id": ["c0"], "image": pa.array([images["c0"]], pa.binary()),
+                                                "prompt": pa.array([prompts["c0"]], pa.string())})))
+    ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images, prompts), MAX_NEW)
+    assert out.to_pylist()[0]["caption"] == ref["c0"]
+    assert "compiled 2 step graphs in" in capsys.readouterr().out
