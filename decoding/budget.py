@@ -194,14 +194,16 @@ def step_samples(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
     trees = {shape: None if shape is None else replace(decoder.tree, max_nodes=shape[0], max_depth=shape[1])
              for shape in shapes}
     times: dict = {shape: [] for shape in shapes}
-    for round_ in range(steps + 1):   # shapes interleaved, so drift on a shared machine hits all alike
+    # warm-up rounds: one; two with compiled step graphs (graphs.py), whose second bucket recompiles
+    warm = 2 if getattr(decoder, "graphs", None) is not None and decoder.graphs.mode is not None else 1
+    for round_ in range(steps + warm):   # shapes interleaved, so drift on a shared machine hits all alike
         for shape in shapes:
             engine.tree_for = lambda active, tree=trees[shape]: tree
             _sync(device)
             t0 = time.perf_counter()
             engine.step()
             _sync(device)
-            if round_:                # round 0 is a warm-up
+            if round_ >= warm:
                 times[shape].append(time.perf_counter() - t0)
     return times
 

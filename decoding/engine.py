@@ -46,6 +46,7 @@ from .consts import arange
 from .kvpool import KVPool, KVShape
 from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
+from .stepstate import PhaseTimer, SlotState, causal, empty_tree, read_host, rows_of, zero_column
 from .tree import DraftTree, verify_positions, verify_visibility
 from .verify import Acceptance, greedy_accept, inverse_cdf, sample_accept, target_probs
 from .graphs import VerifySpec, batch_bucket, length_bucket, pending_bucket, tree_tensors, verify_phase
@@ -85,25 +86,6 @@ class _Row:
     stats: RowStats
 
 
-class _SlotState:
-    """Per-slot device state of the running batch, [R] (or [R, ...]) tensors indexed by slot."""
-
-    def __init__(self, rows: int, pending_width: int, sample_len: int | None, device):
-        long = dict(dtype=torch.long, device=device)
-        self.last = torch.zeros(rows, **long)                    # [R] last token (the root of the next tree)
-        self.pending = torch.zeros(rows, pending_width, **long)  # [R, P] tokens the draft has not seen
-        self.pending_len = torch.zeros(rows, **long)             # [R] (0 in a free slot)
-        self.produced = torch.zeros(rows, **long)                # [R] tokens produced so far
-        self.active = torch.zeros(rows, **long)                  # [R] 1 where a row decodes
-        self.uniforms = None if sample_len is None else torch.zeros(rows, sample_len, device=device)  # [R, L]
-
-    def grow(self, rows: int) -> None:
-        for name in ("last", "pending", "pending_len", "produced", "active", "uniforms"):
-            t = getattr(self, name)
-            if t is not None and t.shape[0] < rows:
-                setattr(self, name, torch.cat([t, t.new_zeros((rows - t.shape[0],) + t.shape[1:])]))
-
-
 class SpeculativeEngine:
     """A running batch over a `SpeculativeDecoder`'s target, draft and drafter (see module doc).
 
@@ -121,7 +103,7 @@ class SpeculativeEngine:
         self.trees = trees    # tree shapes steps may run (the KV room is sized for them); None: the decoder's
         self._tpool = self._dpool = None
         self._slots: list[_Row | None] = []
-        self._state: _SlotState | None = None
+        self._state: SlotState | None = None
         self._pending_host: list[int] = []      # pending_len per slot, on the host
         # The tree of a step, from the number of active rows: the decoder's budget table when it
         # has one (budget.py; None there = a plain target step, no drafting), else its TreeConfig.
@@ -187,7 +169,7 @@ class SpeculativeEngine:
                                  *sliding_window(self.decoder.target))
             self._dpool = KVPool(KVShape.of(self.decoder.draft), rows, d_len, self.device,
                                  *sliding_window(self.decoder.draft))
-            self._state = _SlotState(rows, PENDING_CAP + 2 * t_room, self.options.max_new_tokens
+            self._state = SlotState(rows, PENDING_CAP + 2 * t_room, self.options.max_new_tokens
                                      if self.options.sampling else None, self.device)
         else:
             self._tpool.resize(rows, t_len)
@@ -294,7 +276,7 @@ class SpeculativeEngine:
         occupied = [s for s, row in enumerate(self._slots) if row is not None]
         if not occupied:
             return StepResult(rows=0, accepted=[], nodes=0, draft_forwards=0, draft_s=0.0, verify_s=0.0)
-        timer = _PhaseTimer(self.device)
+        timer = PhaseTimer(self.device)
         if self.decoder.graphs is not None:
             B, tree, acc, host_t, n_draft, depth = self._static_phases(len(occupied), timer)
         else:
@@ -314,7 +296,7 @@ class SpeculativeEngine:
             self.step_observer(tree, acc)
         return self._account(occupied, host, n_draft, draft_s, verify_s)
 
-    def _eager_phases(self, occupied: list[int], timer: "_PhaseTimer"):
+    def _eager_phases(self, occupied: list[int], timer: "PhaseTimer"):
         """Draft and verify op by op over slots [0, highest occupied + 1), at this step's exact shapes."""
         opts, dec, st, rows = self.options, self.decoder, self._state, self._slots
         B = occupied[-1] + 1                       # the step runs over slots [0, B); free ones are masked
@@ -328,7 +310,7 @@ class SpeculativeEngine:
             tree, n_draft = dec.drafter.propose(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
                                                 self._pending_host[:B], depth, opts.temperature, shape)
         else:  # no drafting this step (the budget says it cannot pay, or one token is left): target alone
-            tree = _empty_tree(B, self.device)
+            tree = empty_tree(B, self.device)
             n_draft = self._feed_backlog(B, P)
         timer.mark()
         Q = 1 + tree.tokens.shape[1]
@@ -344,7 +326,7 @@ class SpeculativeEngine:
         else:
             acc = greedy_accept(tree, logits, max(depth, 0))
         count = (acc.length + 1) * st.active[:B]                                 # [B] tokens each row gains
-        src = acc.slots if acc.slots is not None else _zero_column(B, self.device)   # root, then the path
+        src = acc.slots if acc.slots is not None else zero_column(B, self.device)   # root, then the path
         self._tpool.commit(B, head, src, count)
         if depth >= 1:               # the draft saw every pending token: the step's tokens are the new backlog
             st.pending[:B, : acc.tokens.shape[1]] = acc.tokens
@@ -371,7 +353,7 @@ class SpeculativeEngine:
         self._pending_host[:B] = [0] * B
         return 1
 
-    def _static_phases(self, active: int, timer: "_PhaseTimer"):
+    def _static_phases(self, active: int, timer: "PhaseTimer"):
         """Draft and verify as the static-shape phases of graphs.py (compiled or eager) at this
         step's bucket: rows rounded up to a batch bucket, the tree at its full depth, the windows
         read rounded up to a length bucket (the occupied slots are a prefix, see `_condense`)."""
@@ -389,12 +371,12 @@ class SpeculativeEngine:
             key, fn = dec.drafter.phase(shape, depth, self.options.temperature)
             tree_t = dec.graphs.run(key, fn, self._dpool.kv, length_bucket(d_head, self._dpool.length),
                                     self._dpool.lengths[:B], st.pending[:B, :P], st.pending_len[:B],
-                                    _causal(P, self.device))
+                                    causal(P, self.device))
             self._dpool.advance_host(B, self._pending_host[:B])
             tree = DraftTree(*tree_t)
             n_draft = depth
         else:
-            tree = _empty_tree(B, self.device)
+            tree = empty_tree(B, self.device)
             n_draft = self._feed_backlog(B, P_host)
         timer.mark()
         head = self._room(self._tpool, B, depth + 1)          # the commit stores depth + 1 slots per row
@@ -408,7 +390,7 @@ class SpeculativeEngine:
             st.pending[:B], st.pending_len[:B], st.produced[:B], st.active[:B], uniforms)
         acc = Acceptance(length=length[:active], nodes=nodes[:active], tokens=host_t[:active, 2:],
                          bonus=st.last[:active])
-        return B, _rows_of(tree, active), acc, host_t, n_draft, depth
+        return B, rows_of(tree, active), acc, host_t, n_draft, depth
 
     def _account(self, occupied: list[int], host: list, n_draft: int, draft_s: float,
                  verify_s: float) -> StepResult:
@@ -478,57 +460,9 @@ class SpeculativeEngine:
             self._pending_host[s] = 0
 
 
-class _PhaseTimer:
-    """Draft and verify seconds of a step without a sync of their own: CUDA events read after the
-    step's host read (which waits for them anyway), host clocks elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-        self.mark()
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def seconds(self) -> tuple[float, float]:
-        """(draft, verify) — call after the step's host read."""
-        a, b, c = self.marks
-        if self.cuda:
-            return a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3
-        return b - a, c - b
-
-
-_PINNED: dict = {}
-
-
-def read_host(t: Tensor) -> list:
-    """The step's one device->host read, as lists. On CUDA through a pinned buffer, non-blocking,
-    then one wait for that copy (not for the whole device)."""
-    if t.device.type != "cuda":
-        return t.tolist()
-    key = (tuple(t.shape), t.dtype)
-    buf = _PINNED.get(key)
-    if buf is None:
-        buf = _PINNED[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    buf.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return buf.tolist()
-
-
 def _finished(row: _Row) -> FinishedRow:
     row.stats.new_tokens = len(row.outputs)
     return FinishedRow(key=row.key, tokens=row.outputs, stats=row.stats)
-
-
-def _zero_column(rows: int, device) -> Tensor:
-    return arange(1, device).expand(rows, 1)
 
 
 def _extend(out: list[int], tokens: list[int], opts: SamplingOptions) -> int | None:
@@ -541,28 +475,3 @@ def _extend(out: list[int], tokens: list[int], opts: SamplingOptions) -> int | N
         if token in opts.eos or len(out) >= opts.max_new_tokens:
             return n
     return None
-
-
-def _rows_of(tree: DraftTree, rows: int) -> DraftTree:
-    """The tree of the first `rows` rows (a bucket's active rows, for the step observer)."""
-    return DraftTree(*(None if t is None else t[:rows] for t in tree_tensors(tree)))
-
-
-def _causal(width: int, device) -> Tensor:
-    """[width, width] bool lower triangle (a view of a cached one)."""
-    t = _CAUSAL.get(str(device))
-    if t is None or t.shape[0] < width:
-        t = _CAUSAL[str(device)] = torch.tril(torch.ones(max(width, 64), max(width, 64), dtype=torch.bool,
-                                                        device=device))
-    return t[:width, :width]
-
-
-_CAUSAL: dict = {}
-
-
-def _empty_tree(batch: int, device) -> DraftTree:
-    empty_long = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    return DraftTree(tokens=empty_long, parents=empty_long.clone(), depths=empty_long.clone(),
-                     scores=torch.zeros(batch, 0, device=device),
-                     valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
-                     ancestors=torch.zeros(batch, 0, 0, dtype=torch.bool, device=device))
