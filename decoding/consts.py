@@ -9,7 +9,10 @@ _CACHE: dict = {}
 
 
 def arange(n: int, device) -> Tensor:
-    """torch.arange(n) as a view of a cached, growing one."""
+    """torch.arange(n) as a view of a cached, growing one (inside a compiled graph a plain
+    torch.arange: free there, and a cache the graph read would be guarded on and recompile it)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device)
     key = ("arange", str(device))
     t = _CACHE.get(key)
     if t is None or t.shape[0] < n:
@@ -19,6 +22,8 @@ def arange(n: int, device) -> Tensor:
 
 def eye(n: int, device) -> Tensor:
     """[n, n] bool identity (cached per size: sizes are tree widths, a handful)."""
+    if torch.compiler.is_compiling():
+        return torch.eye(n, dtype=torch.bool, device=device)
     key = ("eye", n, str(device))
     if key not in _CACHE:
         _CACHE[key] = torch.eye(n, dtype=torch.bool, device=device)
@@ -27,6 +32,8 @@ def eye(n: int, device) -> Tensor:
 
 def first_true(n: int, device) -> Tensor:
     """[n] bool: True, then False (cached per size)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device) == 0
     key = ("first", n, str(device))
     if key not in _CACHE:
         t = torch.zeros(n, dtype=torch.bool, device=device)

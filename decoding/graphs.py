@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import types
 from dataclasses import dataclass
 from functools import partial
 
@@ -316,7 +317,7 @@ class PhaseGraphs:
                 # compile costs seconds to minutes; a specialised kernel saves microseconds). With
                 # CUDA graphs each bucket is still its own captured graph (cudagraph trees record one
                 # per distinct shape, milliseconds each): the buckets bound how many.
-                entry = torch.compile(fn, fullgraph=True, mode=self.mode)
+                entry = torch.compile(_own_frame(fn), fullgraph=True, mode=self.mode)
             self._fns[key] = entry
         return entry
 
@@ -329,6 +330,16 @@ class PhaseGraphs:
         if first:
             self.compile_s[shape_key] = time.perf_counter() - t0
         return out
+
+
+def _own_frame(fn):
+    """`fn` behind a function with a code object of its own. Dynamo keeps compiled graphs, guards
+    and its automatic-dynamic record per code object, and every phase is a partial of the same two
+    functions: without this, all phases and shapes would share one cache (each call checking every
+    other phase's guards, a size seen changing in one making it dynamic in all)."""
+    def call(*args):
+        return fn(*args)
+    return types.FunctionType(call.__code__.replace(), call.__globals__, f"phase_{id(fn):x}", None, call.__closure__)
 
 
 def run_graph(fn, *args):

@@ -252,6 +252,8 @@ _MASK_VALUES: dict = {}
 
 def float_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """bool -> float additive mask (0 where allowed, dtype-min elsewhere), in one op."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     key = ("mask", dtype, str(allowed.device))
     pair = _MASK_VALUES.get(key)
     if pair is None:

@@ -53,12 +53,18 @@ def pair():
 TREE = TreeConfig(top_k=2, frontier=2, max_depth=3, max_nodes=6)
 
 
-def test_compiled_phases_equal_eager(pair):
+@pytest.fixture(scope="module")
+def compiled(pair):
+    """One compiled decoder for the module's tests (its graphs compile once: tens of seconds here)."""
+    target, draft, *_ = pair
+    return SpeculativeDecoder(target, draft, TREE, compile="on")
+
+
+def test_compiled_phases_equal_eager(pair, compiled):
     """fullgraph=True on CPU for both phases; compiled greedy = eager greedy = target generate, and
     sampled rows equal the eager engine's with the same seeds. Rows finish at different steps, so
     the batch shrinks and other buckets are compiled too."""
     target, draft, ids, mask, pixels = pair
-    compiled = SpeculativeDecoder(target, draft, TREE, compile="on")
     eager = SpeculativeDecoder(target, draft, TREE)
     max_new = 12
     expected = target_greedy(target, ids, mask, pixels, max_new, None)
@@ -72,11 +78,11 @@ def test_compiled_phases_equal_eager(pair):
     assert compiled.generate(ids, mask, pixels, **opts).sequences == eager.generate(ids, mask, pixels, **opts).sequences
 
 
-def test_compiled_step_runs_inside_two_graphs(pair):
+def test_compiled_step_runs_inside_two_graphs(pair, compiled):
     """Per step: two graph launches (draft, verify), one host read, and next to no ops outside them
     (counted by the TorchDispatchMode profiler: the same on every machine)."""
     target, draft, ids, mask, pixels = pair
-    decoder = SpeculativeDecoder(target, draft, TREE, compile="on")
+    decoder = compiled
     engine = decoder.engine(max_new_tokens=40, eos_token_id=[])
     engine.add(ids, mask, pixels)
     engine.step()                                   # compiles (or reuses the graphs compiled above)
