@@ -50,3 +50,28 @@ def test_step_profile_counts_one_sync_per_step_and_splits_the_forwards():
     assert rows["3/4x3"]["draft_forward"]["forwards"] == 3 and rows["3/none"]["draft_forward"]["forwards"] == 0
     # the counts do not depend on the batch size (the same ops run for 1 row as for 3)
     assert rows["1/4x3"]["other"]["ops"] == rows["3/4x3"]["other"]["ops"]
+
+
+def test_gpu_check_smoke_run_on_cpu(tmp_path):
+    """scripts/gpu_check.sh with tiny shapes on a CPU, so the prepared GPU run cannot rot: every
+    section reports, engine steps carry ms, ops and syncs per step, the projection is labelled."""
+    import os
+
+    env = dict(os.environ, SHAPE="tiny", DEVICE="cpu", OUT=str(tmp_path), TIMEOUT="500",
+               GPU_CHECK_ARGS="--batch-sizes 1,2 --compile off,static --steps 2 --max-new-tokens 16 "
+                              "--skip half_precision,bench_demo")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["prerequisites"]["required_missing"] == []
+    rows = report["engine_steps"]["rows"]
+    assert set(rows) == {f"{m}/{b}/{s}" for m in ("off", "static") for b in (1, 2)
+                         for s in ("none", "1x1", "4x3", "8x4", "24x6")}
+    for key, row in rows.items():
+        assert row["syncs"] == 1 and row["step_ms"] > 0, (key, row)
+    assert rows["off/1/4x3"]["ops_outside"] > 50 and rows["off/1/4x3"]["draft_forward_ops"] > 0
+    assert report["memory"]["planned_bytes"] > 0 and report["memory"]["weights_bytes"] > 0
+    assert report["projection"]["label"].startswith("PROJECTION")
+    assert set(report["projection"]["by"]) == {k for k in rows if not k.endswith("/none")}
+    assert report["half_precision"] == {"skipped": "--skip"} and report["bench_smollm2"]["skipped"]
