@@ -8,20 +8,24 @@ every step (the block's head, the pending width, the active rows). Here a step r
   the slots past the active ones are free slots (length 0, `active` 0), computed and ignored;
 - tree: one of the budget table's shapes, always drafted to its full depth (the host cuts what a
   row does not need, as it does at EOS), so a shape is one graph;
-- length: attention reads the first S token slots of every row, S the longest row plus the
-  step's blocks rounded up to `LENGTH_BUCKET`; the block's offset (`head`, the longest committed
-  row) is computed on the device from the row lengths, so it is not a shape and not a host read;
+- length: attention reads the first S token slots of every row, S the longest committed row
+  rounded up to `LENGTH_BUCKET`; the phase's own tokens (the draft's pending feed and tree levels,
+  the verify's root and nodes) are kept out of the pool while it runs and written to it once, at
+  the end (`commit_block`: one indexed store for every layer, which inductor keeps in place);
 - pending: the tokens the draft has not seen, padded to a power of two.
+Where a row's tokens sit follows from lengths on the device, so no offset is a shape or a host read.
 
 Phases:
-  draft_phase  feed the pending tokens, grow the tree depth by depth, prune -> the tree's tensors;
+  draft_phase  feed the pending tokens, grow the tree depth by depth, prune, commit the feed
+               -> the tree's tensors;
   verify_phase the target over [last token, tree], acceptance, commit to the target pool, the
                slot state's update, and the one tensor the host reads.
-Eager (`compile="off"`) runs the same functions uncompiled: one algorithm, two ways to run it.
-On CUDA the default mode is "reduce-overhead" (CUDA graphs: a bucket's phase is one graph
+`compile="static"` runs these functions uncompiled (what the graphs compute: the lossless suites
+run it); "on" compiles them; "off" is the engine's own eager step at exact shapes.
+On CUDA the compile mode is "reduce-overhead" (CUDA graphs: a bucket's phase is one graph
 replay); on a CPU inductor's C++ kernels ("default" mode). Compiled graphs live in the process;
 inductor caches its generated code under $TORCHINDUCTOR_CACHE_DIR (default
-/tmp/torchinductor_$USER), so a second process compiles the same bucket from that cache.
+/tmp/torchinductor_$USER), so a later process compiles the same graphs faster from that cache.
 
 Dimensions: B rows of a bucket, S token slots read, P pending width, F frontier, K top-k,
 T temp slots of the tree, N tree nodes, A max accepted nodes.
@@ -312,11 +316,12 @@ class PhaseGraphs:
                 import torch._dynamo
 
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-                # torch's automatic dynamic shapes: the first bucket compiles static, the second
-                # recompiles with symbolic sizes once, and that graph serves every later bucket (a
-                # compile costs seconds to minutes; a specialised kernel saves microseconds). With
-                # CUDA graphs each bucket is still its own captured graph (cudagraph trees record one
-                # per distinct shape, milliseconds each): the buckets bound how many.
+                # torch's automatic dynamic shapes: a phase first compiles for its first sizes; a
+                # size seen changing recompiles it symbolic once, and that graph serves every later
+                # value (a compile costs seconds to minutes; a size-specialised kernel saves
+                # microseconds). dynamic=True from the first call measured far slower kernels here.
+                # With CUDA graphs each bucket is still its own captured graph (cudagraph trees
+                # record one per distinct shape, milliseconds each): the buckets bound how many.
                 entry = torch.compile(_own_frame(fn), fullgraph=True, mode=self.mode)
             self._fns[key] = entry
         return entry

@@ -310,11 +310,15 @@ def run(args) -> int:
 
     static = TreeConfig(top_k=4, frontier=1, max_depth=5, max_nodes=20, threshold=0.0)
     dynamic = SpeculativeDecoder(target, draft, TreeConfig(), compile=args.compile)
-    budget = None
+    budget, budget_s = None, 0.0
     if "dynamic_tree" in methods and not args.no_budget:
         ids, mask, pixels = encode(processor, text, images[: min(4, len(images))], args.device, dtype)
+        t0 = time.perf_counter()
         budget = choose_table(dynamic, ids, mask, pixels, batch_sizes=batch_sizes,
                               max_new_tokens=min(args.max_new_tokens, 32))
+        budget_s = time.perf_counter() - t0
+        log(f"budget measured in {budget_s:.1f} s" + (" (compiling the step graphs of every candidate shape)"
+                                                       if dynamic.graphs is not None and dynamic.graphs.mode else ""))
         dynamic.budget = budget
         for entry in budget.entries:
             shape = "no drafting" if entry.tree is None else (f"max_nodes={entry.tree.max_nodes} "
@@ -352,6 +356,7 @@ def run(args) -> int:
             drafting = m not in PLAIN_METHODS and not (m == "dynamic_tree" and budget and budget.lookup(bs) is None)
             runs.append({"method": m, "batch_size": bs, "rows": rows, "tokens": tokens, "drafting": drafting,
                          "plain": m in PLAIN_METHODS, "warmup_s": round(warmup[m], 2),
+                         "wall_s": round(warmup[m] + sum(r[1] for r in results[m]), 2),
                          "tokens_per_s": round(tps, 2), "mean_accepted": round(tau, 3),
                          "target_forwards_per_token": round(forwards / max(1, tokens), 4),
                          "match_rate": round(match_rate(seqs, reference), 4) if reference is not None else None})
@@ -361,7 +366,7 @@ def run(args) -> int:
     speedups = speedup_best_vs_best(best)
     report = {"device": str(args.device), "dtype": args.dtype, "runs": runs,
               "best": best, "speedup_best_vs_best": speedups,
-              "vs_best_plain": vs_best_plain(runs), "compile": args.compile,
+              "vs_best_plain": vs_best_plain(runs), "compile": args.compile, "budget_s": round(budget_s, 1),
               "tree": {"static": vars_of(static), "dynamic": vars_of(dynamic.tree)},
               "budget": budget.to_dict() if budget else None,
               "settings": {"images": args.images, "batch_sizes": batch_sizes, "max_new_tokens": args.max_new_tokens,

@@ -94,7 +94,8 @@ def profile(decoder, inputs, batch: int, shape, steps: int, device) -> dict:
     engine = decoder.engine(max_new_tokens=10 ** 4, eos_token_id=[])
     engine.tree_for = lambda active: shape
     engine.add(*inputs(batch))
-    engine.step()   # warm-up
+    for _ in range(6 if decoder.graphs is not None and decoder.graphs.mode else 1):
+        engine.step()   # warm-up (compiled graphs: the recompiles of sizes seen changing happen here)
     with StepProfiler(decoder) as prof:
         for _ in range(steps):
             engine.step()

@@ -201,11 +201,13 @@ class CaptionWorker:
 
     def _report_compiles(self, during: str) -> None:
         """The start-up log's line on compiled step graphs (--compile on): how many, how long."""
+        from decoding.graphs import inductor_cache_dir
+
         graphs = self.decoder.graphs
         if graphs is not None and graphs.mode is not None and graphs.compile_s:
             print(f"caption actor: compiled {len(graphs.compile_s)} step graphs in "
                   f"{sum(graphs.compile_s.values()):.1f} s during the {during} (mode {graphs.mode}; more compile "
-                  "on first use of another batch bucket)", flush=True)
+                  f"on first use of another batch bucket; inductor cache {inductor_cache_dir()})", flush=True)
 
     def _finish(self, batch: pa.Table, ok: list[int], results: list, drill_ids) -> pa.Table:
         n = batch.num_rows
