@@ -8,8 +8,11 @@ included); 2 for a user error before any work; 1 when the run did not finish.
 """
 from __future__ import annotations
 
+import os
+
 from jobs.common import (UserError, add_caption_arguments, add_job_arguments, add_progress_argument,
-                         default_model, parse_actors, relocated_demo_model, tree_options)
+                         default_model, parse_actors, relocated_demo_model, resume_hint, tree_options)
+from jobs.common import JOB_DASHBOARD_ENV
 
 
 def add_parser(subparsers) -> None:
@@ -55,6 +58,12 @@ def run_caption_command(args) -> int:
     return _run(config, args.progress_every, debug=getattr(args, "debug", False), verbose=args.verbose)
 
 
+def hint(config) -> str:
+    """`specllava resume ...` for this run, as the user would paste it (from a Ray job: --submit)."""
+    dashboard = os.environ.get(JOB_DASHBOARD_ENV)
+    return resume_hint(config.output, config.s3_endpoint, submit=bool(dashboard), address=dashboard)
+
+
 def run_resume_command(args) -> int:
     from pipeline.config import CaptionConfig, PipelineError
     from pipeline.manifest import read_manifest
@@ -68,6 +77,11 @@ def run_resume_command(args) -> int:
         raise UserError(f"cannot read {args.output}/_run.json: {exc}") from None
     if previous is None:
         raise UserError(f"{args.output} has no _run.json: nothing to resume (run `specllava caption` first)")
+    if previous.get("status") == "finished":  # no Ray, no model hashing: a finished table is final
+        counts = previous.get("counts") or {}
+        print(f"specllava resume: nothing to do: {args.output} is finished "
+              f"({counts.get('output_rows', '?')}/{counts.get('input_rows', '?')} ids)")
+        return 0
     try:
         # The address is where this resume runs.
         saved = dict(previous["config"], address=args.address, output=args.output)
@@ -76,10 +90,12 @@ def run_resume_command(args) -> int:
         config = CaptionConfig.from_dict(saved, s3_endpoint=args.s3_endpoint)
     except (PipelineError, TypeError) as exc:
         raise UserError(f"cannot resume from {args.output}/_run.json: {exc}") from None
-    return _run(config, args.progress_every, debug=getattr(args, "debug", False), verbose=args.verbose)
+    return _run(config, args.progress_every, debug=getattr(args, "debug", False), verbose=args.verbose,
+                label="specllava resume")
 
 
-def _run(config, progress_every: float = 10.0, debug: bool = False, verbose: bool = False) -> int:
+def _run(config, progress_every: float = 10.0, debug: bool = False, verbose: bool = False,
+         label: str = "specllava caption") -> int:
     import signal
     import sys
 
@@ -90,25 +106,34 @@ def _run(config, progress_every: float = 10.0, debug: bool = False, verbose: boo
     tty = sys.stdout.isatty() and progress_every > 0
     try:
         summary = run_caption(config, progress_every=0.0 if tty else progress_every, progress_tty=tty,
-                              verbose=verbose)
+                              verbose=verbose, label=label)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
-    except KeyboardInterrupt:
-        print(f"specllava: interrupted; `specllava resume {config.output}` continues the run "
-              "(committed rows are kept)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "specllava_output_removed", False):
+            print(f"{label}: interrupted before the first commit; {config.output}, which this run created, "
+                  "was removed: run the same command again to start over", file=sys.stderr)
+        else:
+            print(f"{label}: interrupted; `{hint(config)}` continues the run "
+                  "(committed rows are kept)", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a failed run: one line (recorded in _run.json), exit 1
         if debug:
             raise
         from workers.schema import one_line
-        print(f"specllava: run failed: {one_line(exc, 500)}\n  recorded in {config.output}/_run.json; "
-              f"fix the cause and `specllava resume {config.output}` (--debug for the traceback)", file=sys.stderr)
+        if getattr(exc, "specllava_output_removed", False):
+            print(f"{label}: run failed: {one_line(exc, 500)}\n  nothing was committed, and {config.output}, "
+                  "which this run created, was removed; fix the cause and run the same command again "
+                  "(--debug for the traceback)", file=sys.stderr)
+        else:
+            print(f"{label}: run failed: {one_line(exc, 500)}\n  recorded in {config.output}/_run.json; "
+                  f"fix the cause and `{hint(config)}` (--debug for the traceback)", file=sys.stderr)
         return 1
     except SystemExit as exc:
         # Ray's driver turns SIGTERM (`specllava stop`, `ray job stop`) into SystemExit(15);
         # run_caption has recorded the run as failed in _run.json by now.
         if exc.code == signal.SIGTERM:
-            print(f"specllava: stopped by SIGTERM; `specllava resume {config.output}` continues the run",
+            print(f"{label}: stopped by SIGTERM; `{hint(config)}` continues the run",
                   file=sys.stderr)
         raise
     return 0 if summary["status"] == "finished" else 1

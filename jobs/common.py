@@ -197,6 +197,38 @@ def add_progress_argument(p) -> None:
                    "output is not a terminal (Ray jobs, logs; a terminal gets a live bar); 0 = none (default 10)")
 
 
+# Set by `specllava submit` on the job's driver: the dashboard the job was submitted to, so that
+# the driver's hints say `specllava resume OUTPUT --submit [--address ...]`.
+JOB_DASHBOARD_ENV = "SPECLLAVA_JOB_DASHBOARD"
+
+
+def public_endpoint(endpoint: str | None) -> str | None:
+    """An S3 endpoint fit to print: any user:password@ part of the URL dropped."""
+    if not endpoint or "@" not in endpoint:
+        return endpoint
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "", endpoint
+    host = rest.rsplit("@", 1)[-1]
+    return f"{scheme}://{host}" if sep else host
+
+
+def resume_hint(output: str, s3_endpoint: str | None = None, *, submit: bool = False,
+                address: str | None = None) -> str:
+    """The `specllava resume` command line that continues a run, ready to paste: the endpoint the
+    run used (credentials never), and for a Ray job `--submit` plus a non-default dashboard."""
+    import shlex
+
+    argv = ["specllava", "resume", output]
+    if submit:
+        argv.append("--submit")
+    if public_endpoint(s3_endpoint):
+        argv += ["--s3-endpoint", public_endpoint(s3_endpoint)]
+    if address and address != default_address():
+        argv += ["--address", address]
+    return shlex.join(argv)
+
+
 # --- Ray jobs -------------------------------------------------------------------------------
 
 def default_address() -> str:

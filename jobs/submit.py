@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from jobs.common import (DEMO_PAIR_DIR, UserError, add_address_argument, add_caption_arguments,
-                         add_job_arguments, default_address, parse_actors)
+                         add_job_arguments, default_address, parse_actors, public_endpoint, resume_hint)
+from jobs.common import JOB_DASHBOARD_ENV
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Never uploaded with the job (on top of .gitignore and .git, which Ray skips itself).
@@ -118,8 +119,10 @@ def submit_job(args: argparse.Namespace, command: list[str], metadata: dict, nee
 
     from workers.drill import drill_env
 
-    # Only these two kinds of variable travel: never credentials (the nodes have their own).
-    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", **drill_env()}}
+    address = args.address or default_address()
+    # Only these kinds of variable travel: never credentials (the nodes have their own). The
+    # dashboard's address lets the driver print `specllava resume ... --submit --address ...`.
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1", JOB_DASHBOARD_ENV: address, **drill_env()}}
     if args.working_dir.lower() != "none":
         root = Path(args.working_dir).expanduser().resolve()
         if not (root / "jobs" / "cli.py").is_file():
@@ -130,7 +133,6 @@ def submit_job(args: argparse.Namespace, command: list[str], metadata: dict, nee
     if not getattr(args, "debug", False):  # Ray's packaging logs a line per ignored file
         logging.getLogger("ray").setLevel(logging.ERROR)
     entrypoint = shlex.join([args.python, "-m", "jobs.cli", *command, "--address", "auto"])
-    address = args.address or default_address()
     jobs = client(address)
     try:
         submission_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
@@ -144,6 +146,7 @@ def submit_job(args: argparse.Namespace, command: list[str], metadata: dict, nee
     print(f"  specllava logs {submission_id} --follow{flag}", file=sys.stderr)
     print(f"  specllava status {submission_id}{flag}", file=sys.stderr)
     print(f"  specllava stop {submission_id}{flag}", file=sys.stderr)
+    print(f"  dashboard: {address.rstrip('/')}/#/jobs/{submission_id}", file=sys.stderr)
     code = 0
     if args.wait:
         status = wait_for(jobs, submission_id, TERMINAL)
@@ -180,8 +183,14 @@ def check_output_free(output: str, s3_endpoint: str | None) -> None:
 def submit_command(args) -> int:
     parse_actors(args.actors)  # validate cheap things here, not minutes later on the cluster
     check_output_free(args.output, args.s3_endpoint)
-    return submit_job(args, ["caption", *caption_argv(args)], {"output": args.output},
+    return submit_job(args, ["caption", *caption_argv(args)], job_metadata(args),
                       needs_demo_pair=not (args.dry_run or (args.target and args.draft)))
+
+
+def job_metadata(args) -> dict:
+    """What `list` shows and `stop` needs for its resume hint (the endpoint without credentials)."""
+    endpoint = public_endpoint(args.s3_endpoint)
+    return {"output": args.output, **({"s3_endpoint": endpoint} if endpoint else {})}
 
 
 def submit_resume(args) -> int:
@@ -193,7 +202,7 @@ def submit_resume(args) -> int:
         command += ["--progress-every", str(args.progress_every)]
     if getattr(args, "verbose", False):
         command.append("--verbose")
-    return submit_job(args, command, {"output": args.output})
+    return submit_job(args, command, job_metadata(args))
 
 
 def status_command(args) -> int:
@@ -234,7 +243,19 @@ def stop_command(args) -> int:
         return 0
     status = "STOP REQUESTED" if args.no_wait else wait_for(jobs, args.submission_id, TERMINAL, timeout_s=60)
     print(f"job {args.submission_id}: {status}")
+    meta = _job_metadata(jobs, args.submission_id)
+    if meta.get("specllava") == "1" and meta.get("output"):
+        address = args.address or default_address()
+        print(f"its output stays resumable: "
+              f"{resume_hint(meta['output'], meta.get('s3_endpoint'), submit=True, address=address)}")
     return 0
+
+
+def _job_metadata(jobs, submission_id: str) -> dict:
+    try:
+        return dict(jobs.get_job_info(submission_id).metadata or {})
+    except (RuntimeError, OSError, ValueError):
+        return {}
 
 
 def list_command(args) -> int:

@@ -149,10 +149,14 @@ class Lease:
         if self.lost:
             raise LeaseLost(f"{self.output} was taken over by {self.lost}")
 
-    def release(self) -> None:
+    def stop_heartbeat(self) -> None:
+        """No more renewals (the lease file stays until release, or until the output is removed)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def release(self) -> None:
+        self.stop_heartbeat()
         if self.lost:
             return
         try:

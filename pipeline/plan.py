@@ -111,13 +111,50 @@ def _check_schema(config: CaptionConfig, path: str, schema: pa.Schema) -> None:
     image_col = config.image_column or config.image_uri_column
     for col in (config.id_column, image_col):
         if col not in schema.names:
-            raise PipelineError(f"shard {path} has no column {col!r} (columns: {', '.join(schema.names)})")
+            raise PipelineError(f"shard {path} has no column {col!r} (columns: {', '.join(schema.names)})"
+                                + _column_hint(config, col, schema))
     kind = schema.field(image_col).type
     if config.image_column and not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
         raise PipelineError(f"image column {image_col!r} of {path} is {kind}, not binary "
                             "(use --image-uri-column for URIs)")
     if config.image_uri_column and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise PipelineError(f"URI column {image_col!r} of {path} is {kind}, not string")
+
+
+def _column_hint(config: CaptionConfig, missing: str, schema: pa.Schema) -> str:
+    """'; pass --image-column img (binary images) or ...': the flag for each column that could be
+    the missing one, by type (binary = image bytes, string = image URIs or ids, integer = ids)."""
+    taken = {config.id_column, config.image_column or config.image_uri_column} - {missing}
+    options = []
+    for field in schema:
+        if field.name in taken or field.name == "prompt":
+            continue
+        kind = field.type
+        binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        string = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        if missing == config.id_column:
+            if string or pa.types.is_integer(kind):
+                options.append(f"--id-column {field.name}")
+        elif binary:
+            options.append(f"--image-column {field.name} (image bytes)")
+        elif string:
+            options.append(f"--image-uri-column {field.name} (image URIs)")
+    return f"; pass {' or '.join(options)}" if options else ""
+
+
+def check_input(config: CaptionConfig) -> None:
+    """The fast check a run makes first (before models, output or Ray): the input lists at least
+    one Parquet file and the first one's schema has the columns asked for. The full scan
+    (every footer, id types) is build_plan's, later."""
+    try:
+        fs, infos = list_input(config)
+    except (OSError, ValueError) as exc:  # FileNotFoundError is a PipelineError by now
+        raise PipelineError(f"cannot read --input {config.input}: {' '.join(str(exc).split())[:300]}") from None
+    try:
+        schema = pq.ParquetFile(infos[0].path, filesystem=fs).schema_arrow
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PipelineError(f"cannot read shard {infos[0].path}: {' '.join(str(exc).split())[:300]}") from None
+    _check_schema(config, infos[0].path, schema)
 
 
 def list_input(config: CaptionConfig) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:

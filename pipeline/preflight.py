@@ -1,7 +1,11 @@
 """Checks a caption run makes before it reads the input or starts any actor.
 
 Each raises PipelineError with one line the user can act on (the CLI prints it and exits 2),
-instead of a traceback from deep inside pyarrow or a run that fails inside a Ray actor:
+instead of a traceback from deep inside pyarrow or a run that fails inside a Ray actor. They run
+cheapest first (`check_run`), all before Ray starts:
+
+- `plan.check_input`: the input lists Parquet files and the first one has the columns asked for
+  (a missing column's error suggests the flag for each column that could be it);
 
 - `check_models`: both model directories exist, hold safetensors weights, ask for no remote code
   (auto_map in any config, tokenizer or processor file), and the draft can decode with the
@@ -32,14 +36,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def check_run(config: CaptionConfig) -> None:
-    """Everything checkable before the input is read: no credentials in a path, the models,
-    then the output location."""
+    """Everything checkable before the input is scanned, cheapest first: no credentials in a path,
+    the input's listing and first schema, the output location, then the models."""
+    from pipeline.plan import check_input
+
     for option in ("input", "output", "target", "draft"):
         if getattr(config, option):
             check_no_credentials(option, getattr(config, option))
+    check_input(config)  # cheapest first: a wrong path or column is known in about a second
+    check_output_location(config.output, config.s3_endpoint)
     if not config.dry_run:
         check_models(config.target, config.draft, config.s3_endpoint)
-    check_output_location(config.output, config.s3_endpoint)
 
 
 def check_no_credentials(option: str, uri: str) -> None:

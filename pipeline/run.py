@@ -259,6 +259,19 @@ def _run_stats(counters: RunCounters, wall_s: float) -> dict:
     }
 
 
+def summary_line(this_run: dict, wall: float, dry_run: bool) -> str:
+    """What this run did, in one line (a dry run checks images: no tokens, no speed of decoding)."""
+    units = this_run["units"]
+    committed = f"committed in {units} unit{'' if units == 1 else 's'}"
+    if dry_run:
+        return (f"{this_run['rows']} rows checked this run, dry run ({this_run['ok']} ok, {this_run['error']} "
+                f"error; {committed}) in {wall:.1f}s: {this_run['images_per_s'] or 0:.2f} images/s")
+    tau = this_run["mean_accepted"]
+    return (f"{this_run['rows']} rows decoded this run ({this_run['ok']} ok, {this_run['error']} error; "
+            f"{committed}) in {wall:.1f}s: {this_run['images_per_s'] or 0:.2f} images/s, "
+            f"{this_run['tokens_per_s'] or 0:.1f} tokens/s, mean accepted length {tau if tau is not None else 'n/a'}")
+
+
 def check_compatible(previous: dict | None, config: CaptionConfig, models: dict) -> None:
     if previous is None:
         return
@@ -307,27 +320,51 @@ def _hash_models(config: CaptionConfig, previous: dict | None) -> dict:
 
 
 def run_caption(config: CaptionConfig, log=print, *, progress_every: float = 0.0, progress_tty: bool = False,
-                verbose: bool = True) -> dict:
+                verbose: bool = True, label: str = "specllava caption") -> dict:
     """Caption every input row not yet committed in the output; returns the summary (also in _run.json).
 
     Raises PipelineError for user errors (LeaseHeld when another live writer holds the output),
     before any row is written. `progress_every` > 0 prints a progress line that often;
-    `progress_tty` shows a bar instead; `verbose=False` keeps Ray's own logs off the console.
+    `progress_tty` shows a bar instead; `verbose=False` keeps Ray's own logs off the console;
+    `label` starts the summary lines (the command that runs: caption or resume).
     """
     preflight.check_run(config)  # models safe and paired, output bucket/dir exists: before any reading
     out_fs, root = storage.resolve(config.output, config.s3_endpoint)
     check_layout(out_fs, root, config.output)
+    existed = out_fs.get_file_info(root).type != pafs.FileType.NotFound
     lease = Lease(out_fs, root, config.output, new_run_id(), log=log)
-    lease.acquire()  # one writer per output, before anything of the output is written or cleaned
+    try:
+        lease.acquire()  # one writer per output, before anything of the output is written or cleaned
+    except OSError as exc:
+        from workers.schema import one_line
+        raise PipelineError(f"cannot write --output {config.output}: {one_line(exc, 300)}") from None
     try:
         return _run_holding_lease(config, out_fs, root, lease, log,
-                                  dict(every_s=progress_every, tty=progress_tty), verbose)
+                                  dict(every_s=progress_every, tty=progress_tty), verbose, label)
+    except BaseException as exc:
+        # A run that created the output and fails (or is interrupted) before its first commit
+        # leaves nothing behind: the output is removed, still under the lease.
+        if not existed and _nothing_committed(out_fs, root):
+            lease.stop_heartbeat()
+            try:
+                out_fs.delete_dir(root)
+                exc.specllava_output_removed = True  # the CLI's hint: run the same command again
+            except OSError:
+                pass
+        raise
     finally:
         lease.release()
 
 
+def _nothing_committed(out_fs, root: str) -> bool:
+    try:
+        return not committed_units(out_fs, posixpath.join(root, DATA_DIR))
+    except OSError:
+        return False  # cannot tell: keep everything
+
+
 def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, log, progress: dict,
-                       verbose: bool) -> dict:
+                       verbose: bool, label: str) -> dict:
     data_path = posixpath.join(root, DATA_DIR)
     plan, new_plan = scan_input(config, out_fs, root)
     previous = mf.read_manifest(config.output, config.s3_endpoint)
@@ -403,10 +440,7 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
     except BaseException as exc:  # record why in _run.json, then let the caller see the error
         _record_failure(config, manifest, run, exc, log)
         raise
-    log(f"specllava caption: {this_run['rows']} rows decoded this run ({this_run['ok']} ok, "
-        f"{this_run['error']} error; committed in {this_run['units']} units) in {wall:.1f}s: "
-        f"{this_run['images_per_s'] or 0:.2f} images/s, {this_run['tokens_per_s'] or 0:.1f} tokens/s, "
-        f"mean accepted length {this_run['mean_accepted'] if this_run['mean_accepted'] is not None else 'n/a'}")
-    log(f"specllava caption: table {totals['output_rows']}/{plan.num_rows} ids "
+    log(f"{label}: {summary_line(this_run, wall, config.dry_run)}")
+    log(f"{label}: table {totals['output_rows']}/{plan.num_rows} ids "
         f"({totals['ok']} ok, {totals['error']} error) -> {config.output} [{run['status']}]")
     return {"status": run["status"], "run": this_run, "counts": totals}

@@ -97,3 +97,29 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for name in ("caption", "resume", "make-dataset", "distill", "bench", "demo"):
         assert name in out
+
+
+def test_resume_hints_can_be_pasted(monkeypatch):
+    """The `specllava resume ...` a run prints carries what the run used (endpoint, --submit and
+    the dashboard for a Ray job) and never credentials; quoted for a shell."""
+    from jobs.caption import hint
+    from jobs.common import JOB_DASHBOARD_ENV
+    from jobs.common import public_endpoint, resume_hint
+    from pipeline.config import CaptionConfig
+
+    assert public_endpoint("http://AKIA:s3cret@127.0.0.1:9000") == "http://127.0.0.1:9000"
+    assert public_endpoint("127.0.0.1:9000") == "127.0.0.1:9000" and public_endpoint(None) is None
+    assert resume_hint("/data/my out") == "specllava resume '/data/my out'"
+    assert (resume_hint("s3://b/out", "http://k:s@h:9000", submit=True, address="http://head:8265")
+            == "specllava resume s3://b/out --submit --s3-endpoint http://h:9000 --address http://head:8265")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert resume_hint("s3://b/out", submit=True, address="http://127.0.0.1:8265") == \
+        "specllava resume s3://b/out --submit"  # the default dashboard is left out
+
+    config = CaptionConfig(input="s3://b/in", output="s3://b/out", target=None, draft=None, dry_run=True,
+                           s3_endpoint="http://127.0.0.1:9000")
+    monkeypatch.delenv(JOB_DASHBOARD_ENV, raising=False)
+    assert hint(config) == "specllava resume s3://b/out --s3-endpoint http://127.0.0.1:9000"
+    monkeypatch.setenv(JOB_DASHBOARD_ENV, "http://10.0.0.1:8265")  # the driver of a Ray job
+    assert hint(config) == ("specllava resume s3://b/out --submit --s3-endpoint http://127.0.0.1:9000 "
+                            "--address http://10.0.0.1:8265")

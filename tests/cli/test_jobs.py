@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 
 import pyarrow as pa
@@ -85,6 +86,7 @@ def test_submit_caption_job_logs_and_query(s3, tiny_pair, ray_head, capsys, monk
     assert code == 0, err
     job = out.strip().splitlines()[-1]
     assert job.startswith("raysubmit_") and f"specllava logs {job} --follow" in err
+    assert f"dashboard: {ray_head.rstrip('/')}/#/jobs/{job}" in err
     assert _wait_status(capsys, ray_head, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", \
         _cli_out(capsys, ["logs", job, "--address", ray_head])[1][-3000:]
 
@@ -96,7 +98,7 @@ def test_submit_caption_job_logs_and_query(s3, tiny_pair, ray_head, capsys, monk
     from ray.job_submission import JobSubmissionClient
     info = JobSubmissionClient(ray_head).get_job_info(job)
     sent = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env, "metadata": info.metadata})
-    assert info.runtime_env["env_vars"] == {"PYTHONUNBUFFERED": "1"}
+    assert info.runtime_env["env_vars"] == {"PYTHONUNBUFFERED": "1", "SPECLLAVA_JOB_DASHBOARD": ray_head}
     for secret in (SUBMITTER_SECRET, HEAD_SECRET):
         assert secret not in sent and secret not in logs and secret not in out + err
 
@@ -130,7 +132,11 @@ def test_stop_then_resume_as_a_job(s3, tiny_pair, ray_head, capsys):
         assert status in {"PENDING", "RUNNING"}, _cli_out(capsys, ["logs", job, "--address", ray_head])[1][-3000:]
         time.sleep(1)
     code, out, err = _cli_out(capsys, ["stop", job, "--address", ray_head])
-    assert code == 0 and out.strip() == f"job {job}: STOPPED", (out, err)
+    assert code == 0 and out.strip().splitlines()[0] == f"job {job}: STOPPED", (out, err)
+    # The printed next step is pasted as is (plus --wait): it carries --submit, the endpoint, the head.
+    hint = out.strip().splitlines()[-1].split(": ", 1)[1]
+    argv = shlex.split(hint)
+    assert argv[:4] == ["specllava", "resume", output, "--submit"] and s3.endpoint in argv and ray_head in argv
     done_at_stop = committed.count()
     assert done_at_stop < len(images), "the stop must land mid-run"
 
@@ -141,8 +147,7 @@ def test_stop_then_resume_as_a_job(s3, tiny_pair, ray_head, capsys):
     # "SystemExit: 15"); "running" only if Ray's SIGKILL came before the manifest write.
     assert manifest["runs"][-1]["status"] in {"failed", "running"}, manifest["runs"][-1]
 
-    code, out, err = _cli_out(capsys, ["resume", output, "--submit", "--wait", "--address", ray_head,
-                                       "--s3-endpoint", s3.endpoint])
+    code, out, err = _cli_out(capsys, argv[1:] + ["--wait"])
     assert code == 0, err
     resume_job = out.strip().splitlines()[-1]
     rows = _query_json(capsys, output, s3.endpoint,
@@ -153,6 +158,13 @@ def test_stop_then_resume_as_a_job(s3, tiny_pair, ray_head, capsys):
     stats = json.loads(out)
     assert stats["rows"] == stats["unique_ids"] == stats["input_rows"] == len(images)
     assert stats["status"] == "finished" and stats["runs"] == 2
+    # Resuming a finished output: "nothing to do", exit 0, in seconds, and no run recorded.
+    started = time.monotonic()
+    code, out, _ = _cli_out(capsys, ["resume", output, "--s3-endpoint", s3.endpoint])
+    assert code == 0 and "nothing to do" in out and f"{len(images)}/{len(images)} ids" in out, out
+    assert time.monotonic() - started < 3.0
+    code, out, _ = _cli_out(capsys, ["stats", output, "--s3-endpoint", s3.endpoint, "--json"])
+    assert json.loads(out)["runs"] == 2
     code, out, _ = _cli_out(capsys, ["list", "--address", ray_head])
     statuses = {l.split()[0]: l.split()[1] for l in out.splitlines()[2:]}
     assert statuses[job] == "STOPPED" and statuses[resume_job] == "SUCCEEDED"

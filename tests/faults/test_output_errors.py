@@ -69,9 +69,14 @@ def test_output_that_is_an_object_is_refused(s3, s3_input, tiny_pair, capsys, no
     assert "is an object, not a prefix" in _one_line_error(capsys)
 
 
-def test_unreachable_store_is_a_clear_error(s3_input, tiny_pair, capsys, no_ray):
+def test_unreachable_store_is_a_clear_error(s3_input, tmp_path, tiny_pair, capsys, no_ray):
     no_ray()
     rc = cli(_caption(tiny_pair, f"{s3_input}/in", f"{s3_input}/out", "--s3-endpoint", "http://127.0.0.1:1"))
+    assert rc == 2
+    assert "cannot read --input" in _one_line_error(capsys)  # the input is checked first
+    # a reachable input with an unreachable output store
+    local = _local_input(tmp_path)
+    rc = cli(_caption(tiny_pair, local, f"{s3_input}/out", "--s3-endpoint", "http://127.0.0.1:1"))
     assert rc == 2
     assert "cannot reach --output" in _one_line_error(capsys)
 
@@ -131,3 +136,38 @@ def test_probe_leaves_nothing_behind(s3, s3_input, tmp_path):
     assert not [k for k in keys if "_write_probe" in k], keys
     check_output_writable(str(tmp_path / "new" / "out"))
     assert os.listdir(tmp_path / "new" / "out") == []
+
+
+def test_input_and_column_errors_come_before_models_and_ray(tmp_path, tiny_pair, capsys, no_ray, monkeypatch):
+    """A wrong --input or image column is refused by the first, cheapest check: before the models
+    are read, the output is touched or Ray starts; a missing column names the flag to pass."""
+    import pipeline.preflight
+
+    no_ray()
+    monkeypatch.setattr(pipeline.preflight, "check_models", lambda *a, **k: pytest.fail("models read first"))
+    output = tmp_path / "out"
+    assert cli(_caption(tiny_pair, str(tmp_path / "nothing"), str(output))) == 2
+    assert "input not found" in _one_line_error(capsys)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "jpeg": [png_bytes(1)], "link": ["s3://b/a.png"]}),
+                   tmp_path / "in" / "a.parquet")
+    assert cli(_caption(tiny_pair, str(tmp_path / "in"), str(output))) == 2
+    err = _one_line_error(capsys)
+    assert "no column 'id' (columns: key, jpeg, link); pass --id-column key or --id-column link" in err, err
+    assert cli(_caption(tiny_pair, str(tmp_path / "in"), str(output), "--id-column", "key")) == 2
+    err = _one_line_error(capsys)
+    assert ("no column 'image' (columns: key, jpeg, link); pass --image-column jpeg (image bytes) or "
+            "--image-uri-column link (image URIs)") in err, err
+    assert not output.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a directory nobody can write)")
+def test_output_that_cannot_be_created_is_a_user_error(tmp_path, tiny_pair, capsys, no_ray):
+    """Where even root cannot create a directory (/proc), the refusal is one line, exit 2: not a
+    "run failed, recorded in _run.json" about a _run.json that cannot exist."""
+    no_ray()
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "image": [png_bytes(1)]}), tmp_path / "in" / "a.parquet")
+    assert cli(_caption(tiny_pair, str(tmp_path / "in"), "/proc/specllava-out")) == 2
+    err = _one_line_error(capsys)
+    assert "--output /proc/specllava-out" in err and "_run.json" not in err, err

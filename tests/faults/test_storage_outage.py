@@ -103,7 +103,9 @@ def test_store_hanging_at_end_of_run_check_is_recorded_failed_then_resume(faulty
         thread.join(timeout=5)
         store.proxy.release()
     err = capsys.readouterr().err
-    assert rc == 1 and "specllava: run failed: " in err and "out/data" in err, err[-2000:]
+    assert rc == 1 and "specllava caption: run failed: " in err and "out/data" in err, err[-2000:]
+    # the hint is pasteable: it carries the endpoint the run used
+    assert f"`specllava resume {bucket}/out --s3-endpoint {store.endpoint}`" in err, err[-2000:]
     assert store.proxy.held > held_before
     assert len(committed_ids(fs, root)) == rows  # the decode itself finished and committed
     run = read_manifest(fs, root)["runs"][-1]

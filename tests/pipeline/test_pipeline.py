@@ -181,6 +181,9 @@ def test_bad_inputs_are_clear_user_errors(tmp_path, tiny_pair, case, capsys):
     assert err.startswith("specllava: error:") and err.count("\n") == 0
     assert {"no-image-column": "no column 'image'", "prompt-in-some": "some shards but not all",
             "no-shards": "no *.parquet files", "missing-model": "model directory not found"}[case] in err
+    if case == "no-image-column":
+        assert err.endswith("(columns: id, img); pass --image-column img (image bytes)"), err
+    assert not (tmp_path / "out").exists()  # refused before anything was created
 
 
 def test_run_stats_mean_accepted_excludes_prefill_token():
@@ -209,11 +212,21 @@ def test_worker_that_cannot_start_fails_the_run_and_is_recorded(tmp_path, ray_ad
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "image": [png_bytes(1), png_bytes(2)]}), tmp_path / "in" / "a.parquet")
+    # A new output: the run created it and failed before its first commit, so nothing is left.
     output = tmp_path / "out"
-    assert cli(["caption", "--input", str(tmp_path / "in"), "--output", str(output), "--target", tiny_pair[0],
-                "--draft", str(bad_draft), *RESOURCES]) == 1
+    argv = ["caption", "--input", str(tmp_path / "in"), "--output", str(output), "--target", tiny_pair[0],
+            "--draft", str(bad_draft), *RESOURCES]
+    assert cli(argv) == 1
     err = capsys.readouterr().err
-    assert "specllava: run failed: " in err and "Traceback" not in err  # one line + how to resume
+    assert "specllava caption: run failed: " in err and "Traceback" not in err, err
+    assert "was removed" in err and "run the same command again" in err and not output.exists()
+    # An output that existed before (here an empty directory) is never removed: the failure is
+    # recorded in its _run.json and the hint resumes it.
+    output.mkdir()
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "specllava caption: run failed: " in err and "Traceback" not in err  # one line + how to resume
+    assert f"`specllava resume {output}`" in err
     manifest = json.loads((output / "_run.json").read_text())
     assert manifest["status"] == "failed" and manifest["runs"][-1]["status"] == "failed"
     assert manifest["runs"][-1]["error"]
