@@ -53,6 +53,7 @@ def test_an_actor_that_never_gets_a_node_fails_the_run_naming_the_resource(ray_a
 
     monkeypatch.setattr(pipeline.watch, "START_WAIT_S", 10.0)
     monkeypatch.setattr(pipeline.watch, "POLL_S", 1.0)
+    (tmp_path / "out").mkdir()  # an output that existed keeps its _run.json (a new one would be removed)
 
     @ray.remote(num_cpus=2.5)
     class Hog:
