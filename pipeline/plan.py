@@ -142,14 +142,16 @@ def _column_hint(config: CaptionConfig, missing: str, schema: pa.Schema) -> str:
     return f"; pass {' or '.join(options)}" if options else ""
 
 
-def check_input(config: CaptionConfig) -> None:
+def check_input(config: CaptionConfig, read_schema: bool = True) -> None:
     """The fast check a run makes first (before models, output or Ray): the input lists at least
-    one Parquet file and the first one's schema has the columns asked for. The full scan
-    (every footer, id types) is build_plan's, later."""
+    one Parquet file and (`read_schema`) the first one's schema has the columns asked for. The
+    full scan (every footer, id types) is build_plan's, later."""
     try:
         fs, infos = list_input(config)
     except (OSError, ValueError) as exc:  # FileNotFoundError is a PipelineError by now
         raise PipelineError(f"cannot read --input {config.input}: {' '.join(str(exc).split())[:300]}") from None
+    if not read_schema:
+        return
     try:
         schema = pq.ParquetFile(infos[0].path, filesystem=fs).schema_arrow
     except (OSError, pa.ArrowInvalid) as exc:

@@ -5,7 +5,8 @@ instead of a traceback from deep inside pyarrow or a run that fails inside a Ray
 cheapest first (`check_run`), all before Ray starts:
 
 - `plan.check_input`: the input lists Parquet files and the first one has the columns asked for
-  (a missing column's error suggests the flag for each column that could be it);
+  (a missing column's error suggests the flag for each column that could be it); on a resume
+  (the output has its plan) only the listing, so committed shards are never read;
 
 - `check_models`: both model directories exist, hold safetensors weights, ask for no remote code
   (auto_map in any config, tokenizer or processor file), and the draft can decode with the
@@ -43,10 +44,23 @@ def check_run(config: CaptionConfig) -> None:
     for option in ("input", "output", "target", "draft"):
         if getattr(config, option):
             check_no_credentials(option, getattr(config, option))
-    check_input(config)  # cheapest first: a wrong path or column is known in about a second
+    # Cheapest first: a wrong path or column is known in about a second. An output with a saved
+    # plan (a resume) had its columns checked when it started; reading a shard now could touch
+    # input that is fully committed and never read again (it may be gone or archived).
+    check_input(config, read_schema=not _has_plan(config))
     check_output_location(config.output, config.s3_endpoint)
     if not config.dry_run:
         check_models(config.target, config.draft, config.s3_endpoint)
+
+
+def _has_plan(config: CaptionConfig) -> bool:
+    from pipeline.layout import PLAN_NAME
+
+    try:
+        fs, root = storage.resolve(config.output, config.s3_endpoint)
+        return fs.get_file_info(posixpath.join(root, PLAN_NAME)).type == pafs.FileType.File
+    except (OSError, ValueError):
+        return False
 
 
 def check_no_credentials(option: str, uri: str) -> None:
