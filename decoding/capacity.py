@@ -52,15 +52,18 @@ class CapacityPlan:
 
 
 def plan_capacity(target_kv: KVShape, draft_kv: KVShape, trees: list[TreeConfig], prompt_tokens: int,
-                  max_new_tokens: int, budget_bytes: int, vocab: int, max_rows: int | None = None) -> CapacityPlan:
-    """The most rows (up to max_rows) whose whole decode fits `budget_bytes` (module doc)."""
+                  max_new_tokens: int, budget_bytes: int, vocab: int, max_rows: int | None = None,
+                  spare_rows: int = 0) -> CapacityPlan:
+    """The most rows (up to max_rows) whose whole decode fits `budget_bytes` (module doc), with
+    `spare_rows` more rows of KV that no slot uses (compiled phases keep one: graphs.PhaseGraphs)."""
     t_room, d_room = tree_room(trees)
     length = prompt_tokens + max_new_tokens + t_room
     d_length = prompt_tokens + max_new_tokens + d_room
     nodes = t_room - max(t.max_depth for t in trees) - 1
     per_row = (length * target_kv.bytes_per_token + d_length * draft_kv.bytes_per_token
                + nodes * vocab * 4 * LOGIT_COPIES)
-    rows = budget_bytes // per_row
+    kv_row = length * target_kv.bytes_per_token + d_length * draft_kv.bytes_per_token
+    rows = max(0, budget_bytes - spare_rows * kv_row) // per_row
     if max_rows is not None:
         rows = min(rows, max_rows)
     if rows < 1:
@@ -90,5 +93,6 @@ def plan_for(decoder, prompt_tokens: int, max_new_tokens: int, budget_bytes: int
 
     if not trees:
         trees = [decoder.tree] + [e.tree for e in getattr(decoder.budget, "entries", None) or [] if e.tree is not None]
+    spare = decoder.graphs.spare_rows if getattr(decoder, "graphs", None) is not None else 0
     return plan_capacity(KVShape.of(decoder.target), KVShape.of(decoder.draft), trees, prompt_tokens,
-                         max_new_tokens, budget_bytes, vocab_size(decoder.target), max_rows)
+                         max_new_tokens, budget_bytes, vocab_size(decoder.target), max_rows, spare)

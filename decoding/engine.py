@@ -162,8 +162,10 @@ class SpeculativeEngine:
         d_len = t_len - t_room + d_room
         if self.max_rows is not None:
             rows = self.max_rows
-        elif self._tpool is not None and rows > self._tpool.rows:
-            rows = max(rows, 2 * self._tpool.rows)
+        elif self._tpool is not None and rows > len(self._slots):
+            rows = max(rows, 2 * len(self._slots))
+        spare = self.decoder.graphs.spare_rows if self.decoder.graphs is not None else 0
+        rows += spare                                        # pool rows no slot uses (PhaseGraphs.spare_rows)
         if self._tpool is None:
             self._tpool = KVPool(KVShape.of(self.decoder.target), rows, t_len, self.device,
                                  *sliding_window(self.decoder.target))
@@ -175,8 +177,8 @@ class SpeculativeEngine:
             self._tpool.resize(rows, t_len)
             self._dpool.resize(rows, d_len)
             self._state.grow(rows)
-        self._slots += [None] * (self._tpool.rows - len(self._slots))
-        self._pending_host += [0] * (self._tpool.rows - len(self._pending_host))
+        self._slots += [None] * (self._tpool.rows - spare - len(self._slots))
+        self._pending_host += [0] * (len(self._slots) - len(self._pending_host))
 
     def _room(self, pool: KVPool, rows: int, block: int) -> int:
         """The block's head for rows [0, rows), growing the pool if a longer row than planned needs it."""
@@ -358,7 +360,7 @@ class SpeculativeEngine:
         step's bucket: rows rounded up to a batch bucket, the tree at its full depth, the windows
         read rounded up to a length bucket (the occupied slots are a prefix, see `_condense`)."""
         dec, st = self.decoder, self._state
-        B = batch_bucket(active, self._tpool.rows)
+        B = batch_bucket(active, len(self._slots))
         shape = self.tree_for(active)
         depth = shape.max_depth if shape is not None else 0
         P_host = max(self._pending_host[:B])

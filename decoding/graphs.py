@@ -306,6 +306,14 @@ class PhaseGraphs:
         self._fns: dict = {}
         self.compile_s: dict = {}
 
+    @property
+    def spare_rows(self) -> int:
+        """Pool rows kept past the last slot when compiling: a phase slices rows [0, B) of a pool,
+        and a graph first traced with B equal to the pool's rows carries the guard `pool rows ==
+        B` (from the slice's contiguity check), so the next, smaller bucket recompiled it (21-27 s
+        on a CPU, mid-run). With one row no slot ever uses, B is always below the pool's rows."""
+        return 1 if self.mode is not None else 0
+
     def get(self, key, fn):
         """The callable for `key`: `fn` itself when eager, else torch.compile(fn, fullgraph=True)."""
         entry = self._fns.get(key)

@@ -119,3 +119,33 @@ def test_static_rows_beyond_the_active_ones_are_inert():
         done.update((r.key, r.tokens) for r in engine.step().finished)
     assert [done[b] for b in range(3)] == target_greedy(target, ids, mask, pixels, 9, None)
     assert torch.equal(engine._state.active, torch.zeros_like(engine._state.active))
+
+
+def test_a_grown_pool_compiles_each_phase_once_for_all_smaller_buckets(pair):
+    """A phase recompiled when rows finished after the pool grew: traced with the bucket equal to
+    the pool's rows, its graph guarded `pool rows == B` (the slice's contiguity check), so every
+    smaller bucket compiled it again (21-27 s per phase on a CPU, mid-run). The compiled engine
+    keeps a spare pool row (PhaseGraphs.spare_rows): after the grown pool's first compiles, the
+    batch shrinking compiles nothing."""
+    from torch._dynamo.callback import callback_handler
+
+    target, draft, ids, mask, pixels = pair
+    decoder = SpeculativeDecoder(target, draft, TREE, compile="on")
+    assert decoder.graphs.spare_rows == 1
+    engine = decoder.engine(max_new_tokens=40, eos_token_id=[])
+    engine.add(ids[:1], mask[:1], pixels[:1])
+    engine.step()                                   # batch 1, a pool of 1 + 1 rows
+    engine.add(ids[1:], mask[1:], pixels[1:])       # the pool grows (3 slots + 1)
+    for _ in range(3):
+        engine.step()                               # recompiles with the rows symbolic
+    assert engine._tpool.rows == len(engine._slots) + 1
+    compiles = []
+    callback = callback_handler.register_start_callback(lambda *args: compiles.append(args))
+    try:
+        engine._release([0])                        # one row done: the bucket shrinks to 2
+        engine._condense()
+        for _ in range(2):
+            engine.step()
+    finally:
+        callback_handler.start_callbacks.remove(callback)
+    assert not compiles, "a smaller bucket recompiled a phase"
