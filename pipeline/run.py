@@ -106,11 +106,6 @@ def ensure_ray(address: str | None, verbose: bool = True) -> None:
     import logging
 
     options = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        # Ray's C++ core writes its warnings to the driver's stderr (e.g. core_worker.cc's "actor
-        # constructor arguments in the object store and max_restarts > 0", on every run, in the
-        # middle of the bar); read before ray.init, and inherited by a Ray started here.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     if address:
         use_local_auth_token()
         ray.init(address=address, **options)
