@@ -55,14 +55,13 @@ def plan_capacity(target_kv: KVShape, draft_kv: KVShape, trees: list[TreeConfig]
                   max_new_tokens: int, budget_bytes: int, vocab: int, max_rows: int | None = None,
                   spare_rows: int = 0) -> CapacityPlan:
     """The most rows (up to max_rows) whose whole decode fits `budget_bytes` (module doc), with
-    `spare_rows` more rows of KV that no slot uses (compiled phases keep one: graphs.PhaseGraphs)."""
+    `spare_rows` more rows of KV that no slot uses (compiled phases keep one: graphs.spare_rows)."""
     t_room, d_room = tree_room(trees)
     length = prompt_tokens + max_new_tokens + t_room
     d_length = prompt_tokens + max_new_tokens + d_room
     nodes = t_room - max(t.max_depth for t in trees) - 1
-    per_row = (length * target_kv.bytes_per_token + d_length * draft_kv.bytes_per_token
-               + nodes * vocab * 4 * LOGIT_COPIES)
     kv_row = length * target_kv.bytes_per_token + d_length * draft_kv.bytes_per_token
+    per_row = kv_row + nodes * vocab * 4 * LOGIT_COPIES
     rows = max(0, budget_bytes - spare_rows * kv_row) // per_row
     if max_rows is not None:
         rows = min(rows, max_rows)
@@ -89,10 +88,11 @@ def plan_for(decoder, prompt_tokens: int, max_new_tokens: int, budget_bytes: int
              max_rows: int | None = None, trees: list[TreeConfig] | None = None) -> CapacityPlan:
     """plan_capacity for a SpeculativeDecoder's pair and the tree shapes it may run (default: its
     tree and budget table)."""
+    from .graphs import spare_rows
     from .models import vocab_size
 
     if not trees:
         trees = [decoder.tree] + [e.tree for e in getattr(decoder.budget, "entries", None) or [] if e.tree is not None]
-    spare = decoder.graphs.spare_rows if getattr(decoder, "graphs", None) is not None else 0
     return plan_capacity(KVShape.of(decoder.target), KVShape.of(decoder.draft), trees, prompt_tokens,
-                         max_new_tokens, budget_bytes, vocab_size(decoder.target), max_rows, spare)
+                         max_new_tokens, budget_bytes, vocab_size(decoder.target), max_rows,
+                         spare_rows(getattr(decoder, "graphs", None)))

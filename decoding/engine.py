@@ -49,7 +49,8 @@ from .stats import RowStats
 from .stepstate import PhaseTimer, SlotState, causal, empty_tree, read_host, rows_of, zero_column
 from .tree import DraftTree, verify_positions, verify_visibility
 from .verify import Acceptance, greedy_accept, inverse_cdf, sample_accept, target_probs
-from .graphs import VerifySpec, batch_bucket, length_bucket, pending_bucket, tree_tensors, verify_phase
+from .graphs import (VerifySpec, batch_bucket, length_bucket, pending_bucket, spare_rows, tree_tensors,
+                     verify_phase)
 from .options import (SEED_BITS, SamplingOptions, default_top_k, eos_set, row_seed,  # noqa: F401 (re-exported)
                       seeds_from)
 
@@ -164,8 +165,8 @@ class SpeculativeEngine:
             rows = self.max_rows
         elif self._tpool is not None and rows > len(self._slots):
             rows = max(rows, 2 * len(self._slots))
-        spare = self.decoder.graphs.spare_rows if self.decoder.graphs is not None else 0
-        rows += spare                                        # pool rows no slot uses (PhaseGraphs.spare_rows)
+        spare = spare_rows(self.decoder.graphs)
+        rows += spare                                        # pool rows no slot uses
         if self._tpool is None:
             self._tpool = KVPool(KVShape.of(self.decoder.target), rows, t_len, self.device,
                                  *sliding_window(self.decoder.target))

@@ -297,6 +297,14 @@ def step_graphs(setting: str, target, draft) -> "PhaseGraphs | None":
     return PhaseGraphs(mode)
 
 
+def spare_rows(graphs: "PhaseGraphs | None") -> int:
+    """Pool rows kept past the last slot when steps are compiled: a phase slices rows [0, B) of a
+    pool, and a graph first traced with B equal to the pool's rows carries the guard `pool rows ==
+    B` (from the slice's contiguity check), so the next, smaller bucket recompiled it (21-27 s on
+    a CPU, mid-run). With one row no slot ever uses, B is always below the pool's rows."""
+    return 1 if graphs is not None and graphs.mode is not None else 0
+
+
 class PhaseGraphs:
     """The compiled (or eager) phase functions of one engine, built lazily per static key, with
     the seconds each first call (the compile) took."""
@@ -305,14 +313,6 @@ class PhaseGraphs:
         self.mode = mode
         self._fns: dict = {}
         self.compile_s: dict = {}
-
-    @property
-    def spare_rows(self) -> int:
-        """Pool rows kept past the last slot when compiling: a phase slices rows [0, B) of a pool,
-        and a graph first traced with B equal to the pool's rows carries the guard `pool rows ==
-        B` (from the slice's contiguity check), so the next, smaller bucket recompiled it (21-27 s
-        on a CPU, mid-run). With one row no slot ever uses, B is always below the pool's rows."""
-        return 1 if self.mode is not None else 0
 
     def get(self, key, fn):
         """The callable for `key`: `fn` itself when eager, else torch.compile(fn, fullgraph=True)."""

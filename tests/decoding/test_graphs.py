@@ -125,13 +125,15 @@ def test_a_grown_pool_compiles_each_phase_once_for_all_smaller_buckets(pair):
     """A phase recompiled when rows finished after the pool grew: traced with the bucket equal to
     the pool's rows, its graph guarded `pool rows == B` (the slice's contiguity check), so every
     smaller bucket compiled it again (21-27 s per phase on a CPU, mid-run). The compiled engine
-    keeps a spare pool row (PhaseGraphs.spare_rows): after the grown pool's first compiles, the
+    keeps a spare pool row (graphs.spare_rows): after the grown pool's first compiles, the
     batch shrinking compiles nothing."""
     from torch._dynamo.callback import callback_handler
 
+    from decoding.graphs import spare_rows
+
     target, draft, ids, mask, pixels = pair
     decoder = SpeculativeDecoder(target, draft, TREE, compile="on")
-    assert decoder.graphs.spare_rows == 1
+    assert spare_rows(decoder.graphs) == 1
     engine = decoder.engine(max_new_tokens=40, eos_token_id=[])
     engine.add(ids[:1], mask[:1], pixels[:1])
     engine.step()                                   # batch 1, a pool of 1 + 1 rows

@@ -153,6 +153,13 @@ def test_planner_for_llava_1_5_7b_and_13b_in_bf16_on_80_gb():
         plans[name] = plan_capacity(KVShape.of(target), KVShape.of(draft), trees, prompt, new, budget, 32064)
         assert plans[name].length == prompt + new + tree_room(trees)[0]
         assert plans[name].rows * plans[name].bytes_per_row <= budget
+        # A compiled engine's spare pool row (graphs.spare_rows) comes out of the same budget.
+        spared = plan_capacity(KVShape.of(target), KVShape.of(draft), trees, prompt, new, budget, 32064,
+                               spare_rows=1)
+        kv_row = (spared.length * KVShape.of(target).bytes_per_token
+                  + (prompt + new + tree_room(trees)[1]) * KVShape.of(draft).bytes_per_token)
+        assert spared.rows * spared.bytes_per_row + kv_row <= budget
+        assert plans[name].rows - 1 <= spared.rows <= plans[name].rows
     assert plans["7b"].rows >= 128, plans["7b"].describe()
     assert 60 <= plans["13b"].rows < 128, plans["13b"].describe()    # 13B at batch 128 does not fit
     print(plans["7b"].describe(), "|", plans["13b"].describe())
