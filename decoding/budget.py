@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .decoder import SpeculativeDecoder
-from .models import forward_block, model_device, prefill
+from .families import adapter
+from .models import forward_block, model_device, prefill, vocab_size
 from .tree import TreeConfig
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -86,7 +87,7 @@ def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int
 
     lean=True times the lean draft forward (decoding/lean.py), as the drafter runs it."""
     device = model_device(model)
-    vocab = model.config.image_token_id
+    vocab = adapter(model).image_token_id(model.config) or vocab_size(model)   # text ids lie below the image token
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, max(4, vocab), (batch, prefix_len), generator=g).to(device)
     state, _ = prefill(model, ids, torch.ones_like(ids), None)

@@ -14,13 +14,15 @@ from .draft import TreeDrafter
 from .graphs import step_graphs
 from .engine import SpeculativeEngine
 from .options import SamplingOptions, default_top_k, eos_set, seeds_from
+from .families import adapter
 from .models import check_pair, lean_is_exact, shares_vision_tower, vocab_size
 from .stats import GenerationResult
 from .tree import TreeConfig
 
 
 class SpeculativeDecoder:
-    """Lossless tree speculative decoding with a target and a draft `LlavaForConditionalGeneration`.
+    """Lossless tree speculative decoding with a LLaVA target and a draft of its family or a
+    text-only draft (families.py).
 
     Greedy output (temperature 0) equals `target.generate(do_sample=False)` token for token;
     sampled output follows the target's own distribution (temperature, top_k, top_p, as `generate` warps it).
@@ -32,6 +34,9 @@ class SpeculativeDecoder:
         self.draft = draft
         self.tree = tree or TreeConfig()
         self.shared_vision = shares_vision_tower(target, draft)
+        # A text-only draft (families.TextFamily) prefills the rows' prompts without image tokens.
+        self.text_draft = not adapter(draft).multimodal
+        self.image_token_id = adapter(target).image_token_id(target.config)
         # Verify with the lean forward when it is bit-identical to transformers' for this target
         # (models.lean_is_exact): same logits, without transformers' per-layer overhead.
         self.lean_target = lean_is_exact(target)
@@ -73,15 +78,17 @@ class SpeculativeDecoder:
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id: int | Iterable[int] | None = None,
                  generator: torch.Generator | None = None, top_k: int | None = None,
-                 seeds: list[int] | None = None) -> GenerationResult:
+                 seeds: list[int] | None = None, image_sizes: Tensor | None = None) -> GenerationResult:
         """Decode every row. input_ids/attention_mask: [B, T] left-padded with image tokens expanded;
-        pixel_values: [num_images, C, H, W] or None. Sampling (temperature > 0) draws row b from
+        pixel_values: [num_images, C, H, W] or None (NeXT/OneVision: [num_images, tiles, C, H, W]
+        with image_sizes [num_images, 2], the processor's output). Sampling (temperature > 0) draws row b from
         seeds[b] (see engine.row_seed) or, without seeds, from seeds drawn from `generator`."""
         B = input_ids.shape[0] if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else 0
         engine = self.engine(max_new_tokens, temperature, top_p, top_k, eos_token_id, max_rows=max(B, 1))
         if engine.options.sampling and seeds is None:
             seeds = seeds_from(generator, B)
-        done = {row.key: row for row in engine.add(input_ids, attention_mask, pixel_values, seeds=seeds)}
+        done = {row.key: row for row in engine.add(input_ids, attention_mask, pixel_values, seeds=seeds,
+                                                              image_sizes=image_sizes)}
         while engine.active:
             done.update((row.key, row) for row in engine.step().finished)
         return GenerationResult(sequences=[done[b].tokens for b in range(B)], stats=[done[b].stats for b in range(B)])

@@ -1,4 +1,4 @@
-"""The one vocabulary of dtype names (every --dtype flag, CaptionConfig.dtype, load_llava), torch-free:
+"""The one vocabulary of dtype names (every --dtype flag, CaptionConfig.dtype, load_model), torch-free:
 torch's spelling, with the short forms accepted as aliases; `auto` lets the device decide."""
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ from .capacity import PENDING_CAP, tree_room
 from .errors import CapacityError, InputError
 from .consts import arange
 from .kvpool import KVPool, KVShape
+from .families import text_prompt
 from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
 from .stepstate import PhaseTimer, SlotState, causal, empty_tree, read_host, rows_of, zero_column
@@ -193,17 +194,20 @@ class SpeculativeEngine:
     # -- joining --------------------------------------------------------------------------------
     @torch.no_grad()
     def add(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-            keys: Sequence | None = None, seeds: Sequence[int] | None = None) -> list[FinishedRow]:
+            keys: Sequence | None = None, seeds: Sequence[int] | None = None,
+            image_sizes: Tensor | None = None) -> list[FinishedRow]:
         """Prefill rows and add them to the running batch, each in a free slot.
 
         input_ids/attention_mask: [B, T] left-padded with image tokens expanded; pixel_values:
-        [num_images, C, H, W] or None. keys: the caller's handle per row (default 0..B-1 after
+        [num_images, C, H, W] (llava-1.5) or [num_images, tiles, C, H, W] with image_sizes
+        [num_images, 2] (NeXT, OneVision), as the target's processor makes them, or None. A
+        text-only draft prefills each row's prompt without its image tokens. keys: the caller's handle per row (default 0..B-1 after
         the rows added so far). seeds: per-row sampling seeds (see `row_seed`); needed when
         sampling. Returns the rows already finished by their first token (EOS or
         max_new_tokens=1); the others are active from the next `step()` on.
         """
         opts, dec = self.options, self.decoder
-        validate_inputs(dec.target, input_ids, attention_mask, pixel_values)
+        validate_inputs(dec.target, input_ids, attention_mask, pixel_values, image_sizes)
         B = input_ids.shape[0]
         keys = list(range(B)) if keys is None else list(keys)
         if len(keys) != B:
@@ -217,6 +221,12 @@ class SpeculativeEngine:
                                 f"{self.max_length} planned (check engine.can_admit first)")
         input_ids = input_ids.to(self.device, torch.long)
         attention_mask = attention_mask.to(self.device, torch.long)
+        if image_sizes is not None:
+            image_sizes = image_sizes.to(self.device)
+        if dec.text_draft:     # the draft's own prompt: the rows' text, at its own positions
+            d_ids, d_mask = text_prompt(input_ids, attention_mask, dec.image_token_id)
+        else:
+            d_ids, d_mask = input_ids, attention_mask
 
         t0 = time.perf_counter()
         target_mm = draft_mm = None
@@ -224,8 +234,10 @@ class SpeculativeEngine:
             hidden = vision_hidden_states(dec.target, pixel_values)
             target_mm = project_image_features(dec.target, hidden)
             draft_mm = project_image_features(dec.draft, hidden)
-        tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm)
-        drf, _ = prefill(dec.draft, input_ids, attention_mask, pixel_values, draft_mm)
+        tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm,
+                              image_sizes=image_sizes)
+        drf, _ = prefill(dec.draft, d_ids, d_mask, None if dec.text_draft else pixel_values, draft_mm,
+                         image_sizes=image_sizes)
         uniforms = None
         if opts.sampling:
             uniforms = torch.stack([
@@ -250,11 +262,10 @@ class SpeculativeEngine:
         free = [s for s, row in enumerate(self._slots) if row is None][: len(keep)]
         slots = torch.tensor(free, dtype=torch.long, device=self.device)
         index = torch.tensor([b for b, _ in keep], dtype=torch.long, device=self.device)
-        pad = input_ids.shape[1] - attention_mask.sum(-1)
-        kept_lengths = [lengths[b] for b, _ in keep]
-        for pool, state in ((self._tpool, tgt), (self._dpool, drf)):
+        for pool, state, mask in ((self._tpool, tgt, attention_mask), (self._dpool, drf, d_mask)):
+            n = mask.sum(-1)[index]
             pool.write_prompt(slots, [(layer.keys[index], layer.values[index]) for layer in state.cache.layers],
-                              pad[index], kept_lengths)
+                              mask.shape[1] - n, n.tolist())
         st = self._state
         st.last[slots] = first[index]
         st.pending[slots] = 0

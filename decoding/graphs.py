@@ -77,7 +77,7 @@ def pending_bucket(width: int) -> int:
 def graph_blocker(model) -> str | None:
     """Why a model cannot run in the static phases (None when it can)."""
     if not supports_lean(model):
-        return f"text model {model.config.text_config.model_type!r} has no lean forward (decoding/lean.py)"
+        return f"text model {models.text_config(model).model_type!r} has no lean forward (decoding/lean.py)"
     if models.sliding_window(model)[0] is not None:
         return "sliding-window attention is not in the static phases yet (use --compile off)"
     return None

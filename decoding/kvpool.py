@@ -46,7 +46,9 @@ class KVShape:
 
     @classmethod
     def of(cls, model) -> "KVShape":
-        cfg = model.config.text_config
+        from .families import adapter
+
+        cfg = adapter(model).text_config(model.config)
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         dtype = next(model.parameters()).dtype

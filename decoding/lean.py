@@ -1,4 +1,4 @@
-"""A lean forward of a LLaVA text model (LLaMA / Mistral / Qwen2) over a cache (KVPool or KVState).
+"""A lean forward of a text model (LLaMA / Mistral / Qwen2, in a LLaVA or alone) over a cache (KVPool or KVState).
 
 For a small draft on CPU, most of a transformers forward is per-layer Python overhead
 (decorators, output capture, mask preparation, attention dispatch), not arithmetic. This
@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .families import adapter
+
 
 LEAN_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
 
 def supports_lean(model) -> bool:
-    text = model.config.text_config
-    lm = model.model.language_model
+    family = adapter(model)
+    text, lm = family.text_config(model.config), family.text_model(model)
     return (text.model_type in LEAN_TEXT_MODELS and hasattr(lm, "rotary_emb") and hasattr(lm, "layers")
             and all(hasattr(layer.self_attn, "q_proj") for layer in lm.layers))
 
@@ -40,8 +42,9 @@ def lean_forward(model, cache, tokens: Tensor, positions: Tensor, mask: Tensor |
 
     mask: [B, 1, Q, S+Q] float (or a dict by layer kind): KVPool.block_mask, KVState.attention_mask.
     """
-    lm = model.model.language_model
-    kinds = getattr(model.config.text_config, "layer_types", None)
+    family = adapter(model)
+    lm = family.text_model(model)
+    kinds = getattr(family.text_config(model.config), "layer_types", None)
     h = lm.embed_tokens(tokens)                                             # [B, Q, H]
     cos, sin = lm.rotary_emb(h, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                           # [B, 1, Q, d]

@@ -1,4 +1,7 @@
-"""Load a LLaVA checkpoint safely: safetensors only, never remote code.
+"""Load a checkpoint safely: safetensors only, never remote code.
+
+The class comes from config.json's model_type (families.model_class: the LLaVA families and the
+text-only drafts), never from an Auto* class that could pick remote code.
 
 A model directory that needs remote code (`auto_map` in config.json) or only ships pickle
 weights (`*.bin`, `*.pt`) is refused with a clear error instead of being executed/unpickled.
@@ -9,8 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration
-
 from .dtypes import AUTO, DTYPE_NAMES, canonical_dtype
 from .errors import ModelPairError
 
@@ -89,15 +90,22 @@ def weights_device_map(device: str | torch.device) -> dict:
     return {"": device}
 
 
-def load_llava(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """LlavaForConditionalGeneration from a local directory, in eval mode, on `device`.
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    """A LLaVA (llava, llava_next, llava_onevision) or a text-only draft (llama, mistral, qwen2)
+    from a local directory, in eval mode, on `device`.
 
     The weights go straight to `device` in `dtype`: transformers builds the model on the meta
     device and reads the safetensors tensor by tensor onto the `device_map` (needs `accelerate`),
     so no full copy of the model is ever held in host memory and nothing is moved afterwards.
     """
+    from transformers import AutoConfig
+
+    from .families import model_class
+
     path = check_model_dir(path)
-    model = LlavaForConditionalGeneration.from_pretrained(
+    # Safe: check_model_dir refused any auto_map, and remote code stays off.
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    model = model_class(config).from_pretrained(
         path, use_safetensors=True, trust_remote_code=False, dtype=parse_dtype(dtype, device),
         device_map=weights_device_map(device))
     return model.eval()

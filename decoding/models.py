@@ -11,16 +11,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .cache import HOLE, KVState, SlotCache
 from .errors import InputError, ModelPairError
+from .families import SUPPORTED_TEXT_MODELS, LlavaFamily, adapter  # noqa: F401 (SUPPORTED_TEXT_MODELS re-exported)
 from .lean import lean_forward, supports_lean
 
-SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 # Draft and target vocabularies may differ by embedding padding (e.g. 32000 vs 32064);
 # anything larger means different tokenizers.
 MAX_VOCAB_PADDING = 256
 
 
 def text_config(model):
-    return model.config.text_config
+    return adapter(model).text_config(model.config)
 
 
 def vocab_size(model) -> int:
@@ -53,46 +53,71 @@ def sliding_window(model) -> tuple[int | None, tuple[str, ...] | None]:
 
 
 def image_tokens_per_image(model_or_config) -> int:
+    """Tokens one image expands to (llava-1.5 kind; for any-resolution families an upper bound)."""
     config = getattr(model_or_config, "config", model_or_config)
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return adapter(config).max_image_tokens(config)
 
 
 def check_pair_configs(target_config, draft_config) -> None:
-    """Raise ModelPairError when two LlavaConfigs cannot decode together (no weights needed:
-    the pipeline runs this on config.json files before it starts any actor)."""
+    """Raise ModelPairError when two configs cannot decode together (no weights needed: the
+    pipeline runs this on config.json files before it starts any actor). The target is a LLaVA of
+    a supported family (families.py); the draft is of the same family or a text-only model."""
+    families = {}
     for role, config in (("target", target_config), ("draft", draft_config)):
-        if config.model_type != "llava":
-            raise ModelPairError(f"{role} must be a LlavaForConditionalGeneration, got model_type "
-                                 f"{config.model_type!r}")
-        kind = config.text_config.model_type
-        if kind not in SUPPORTED_TEXT_MODELS:
-            raise ModelPairError(f"{role} text model {kind!r} is not supported; supported: "
-                                 f"{', '.join(SUPPORTED_TEXT_MODELS)}")
-    vt, vd = target_config.text_config.vocab_size, draft_config.text_config.vocab_size
+        families[role] = adapter(config)
+        families[role].check_config(config, role)
+    tf, df = families["target"], families["draft"]
+    if not tf.multimodal:
+        raise ModelPairError(f"target is a text-only {target_config.model_type!r} model; the target must be a "
+                             "LLaVA (llava, llava_next or llava_onevision)")
+    if df.multimodal and df is not tf:
+        raise ModelPairError(f"draft is a {df.class_name} but the target a {tf.class_name}: a draft must be of "
+                             "the target's family (same image tokens) or a text-only model")
+    t_text, d_text = tf.text_config(target_config), df.text_config(draft_config)
+    vt, vd = t_text.vocab_size, d_text.vocab_size
     if abs(vt - vd) > MAX_VOCAB_PADDING:
         raise ModelPairError(f"target vocabulary ({vt}) and draft vocabulary ({vd}) differ by more than "
                              "embedding padding: the draft must share the target's tokenizer")
-    if target_config.image_token_id != draft_config.image_token_id:
-        raise ModelPairError(f"image token id differs (target {target_config.image_token_id}, draft "
-                             f"{draft_config.image_token_id}): the draft must share the target's tokenizer")
+    if df.multimodal and tf.image_token_id(target_config) != df.image_token_id(draft_config):
+        raise ModelPairError(f"image token id differs (target {tf.image_token_id(target_config)}, draft "
+                             f"{df.image_token_id(draft_config)}): the draft must share the target's tokenizer")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        t, d = getattr(target_config.text_config, name, None), getattr(draft_config.text_config, name, None)
+        t, d = getattr(t_text, name, None), getattr(d_text, name, None)
+        if name == "pad_token_id" and not df.multimodal:
+            continue   # a text draft never sees padding (its prompt is built unpadded per row)
         if t is not None and d is not None and t != d:
             raise ModelPairError(f"{name} differs (target {t}, draft {d}): the draft must share the "
                                  "target's tokenizer")
-    if image_tokens_per_image(target_config) != image_tokens_per_image(draft_config):
-        raise ModelPairError(f"target expands an image to {image_tokens_per_image(target_config)} tokens but "
-                             f"the draft to {image_tokens_per_image(draft_config)}; the draft must use the "
-                             "same vision input shape as the target")
+    if df.multimodal:
+        ts, ds = tf.vision_signature(target_config), df.vision_signature(draft_config)
+        if ts != ds:
+            diff = ", ".join(f"{k} {ts[k]!r} vs {ds[k]!r}" for k in ts if ts[k] != ds.get(k))
+            raise ModelPairError(f"target and draft expand images differently ({diff}); the draft must use "
+                                 "the same vision input settings as the target, or be a text-only model")
 
 
-def check_tokenizers(target_tokenizer, draft_tokenizer) -> None:
+def check_tokenizers(target_tokenizer, draft_tokenizer, text_draft: bool = False) -> None:
     """Raise ModelPairError unless both tokenizers map every token, special ones included, to
     the same id: a draft proposing ids that mean other words to the target accepts nothing
-    useful at best and, with another special-token layout, stops or pads at the wrong place."""
+    useful at best and, with another special-token layout, stops or pads at the wrong place.
+
+    text_draft: the draft is a text-only model; its vocabulary may be a prefix of the target's
+    (a LLaVA adds its image token, sometimes a pad token): every draft token must have the
+    target's id, and bos/eos/unk must agree."""
     tv, dv = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if text_draft:
+        wrong = sorted((tok for tok, i in dv.items() if tv.get(tok) != i), key=lambda t: dv[t])
+        if wrong:
+            token = wrong[0]
+            raise ModelPairError(f"the text draft's tokenizer is not a prefix of the target's ({len(wrong)} of its "
+                                 f"{len(dv)} tokens differ; e.g. {token!r} is id {tv.get(token)} in the target, "
+                                 f"{dv[token]} in the draft): the draft must share the target's tokenizer")
+        for name in ("bos_token_id", "eos_token_id", "unk_token_id"):
+            t, d = getattr(target_tokenizer, name, None), getattr(draft_tokenizer, name, None)
+            if t != d:
+                raise ModelPairError(f"special token {name} differs (target {t}, draft {d}): the draft must "
+                                     "share the target's tokenizer")
+        return
     if tv != dv:
         diff = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: (kv[1], kv[0]))
         token = diff[0][0]
@@ -131,7 +156,10 @@ def check_pair(target, draft) -> None:
 
 def shares_vision_tower(target, draft) -> bool:
     """True when the draft's vision tower is the target's (same module or identical weights)
-    and both select the same features, so image features can be computed once."""
+    and both select the same features, so image features can be computed once. Only for llava-1.5
+    pairs (the other families pack features per image size inside their own forward)."""
+    if not (isinstance(adapter(target), LlavaFamily) and adapter(draft) is adapter(target)):
+        return False
     if (target.config.vision_feature_layer != draft.config.vision_feature_layer
             or target.config.vision_feature_select_strategy != draft.config.vision_feature_select_strategy):
         return False
@@ -167,19 +195,26 @@ def project_image_features(model, hidden_states: tuple[Tensor, ...]) -> dict:
 
 
 def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-            mm_encoder_outputs: dict | None = None, spare: int = 0) -> tuple[KVState, Tensor]:
+            mm_encoder_outputs: dict | None = None, spare: int = 0,
+            image_sizes: Tensor | None = None) -> tuple[KVState, Tensor]:
     """One forward over the prompt, exactly as `generate` does it (2D mask, positions from the
-    mask). The cache keeps `spare` free slots per layer after the prompt (cache.SlotLayer).
-    Returns the cache state and the logits at the last position, [B, V]."""
+    mask; images as the model's family takes them, families.py). The cache keeps `spare` free
+    slots per layer after the prompt (cache.SlotLayer). Returns the cache state and the logits at
+    the last position, [B, V]."""
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    kwargs = {}
     if mm_encoder_outputs is not None:
-        kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-    elif pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values.to(model_dtype(model))
+        kwargs = {"mm_encoder_outputs": mm_encoder_outputs}
+    else:
+        kwargs = adapter(model).vision_kwargs(pixel_values, image_sizes, model_dtype(model))
     cache = SlotCache(spare)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    except ValueError as exc:   # transformers' own check that image tokens and features agree
+        if "image" in str(exc).lower() and pixel_values is not None:
+            raise InputError(f"the images do not fit the prompt: {exc} (was the prompt processed by the "
+                             "target's processor, with these images?)") from None
+        raise
     window, kinds = sliding_window(model)
     state = KVState(cache, positions.masked_fill(attention_mask == 0, HOLE), window=window, layer_kinds=kinds)
     return state, out.logits[:, -1, :]
@@ -231,7 +266,8 @@ def lean_is_exact(model) -> bool:
 
     def ids(shape):
         t = torch.randint(0, vocab, shape, generator=g)
-        return t.masked_fill(t == model.config.image_token_id, 0).to(device)
+        image = adapter(model).image_token_id(model.config)
+        return (t if image is None else t.masked_fill(t == image, 0)).to(device)
 
     prompt, tokens = ids((2, 6)), ids((2, 3))
     mask = torch.ones_like(prompt)
@@ -249,7 +285,8 @@ def lean_is_exact(model) -> bool:
                                                 for (a, b), (c, d) in zip(hf_cache, lean_cache))
 
 
-def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> None:
+def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                    image_sizes: Tensor | None = None) -> None:
     """Raise InputError for malformed generate() inputs."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise InputError(f"input_ids must be a 2D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -262,31 +299,14 @@ def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_val
                          f"{tuple(getattr(attention_mask, 'shape', ()))}")
     mask = attention_mask.bool()
     if not bool(mask[:, -1].all()):
-        raise InputError("input_ids must be left-padded (LlavaProcessor with padding_side='left'): "
+        raise InputError("input_ids must be left-padded (the processor with padding_side='left'): "
                          "some rows end with padding")
     if bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
         raise InputError("attention_mask has holes: each row must be left padding followed by tokens")
-    B = input_ids.shape[0]
-    per_image = image_tokens_per_image(target)
-    n_tokens = ((input_ids == target.config.image_token_id) & mask).sum(-1)  # [B]
+    family = adapter(target)
+    n_tokens = ((input_ids == family.image_token_id(target.config)) & mask).sum(-1)  # [B]
     if pixel_values is None:
         if bool((n_tokens > 0).any()):
             raise InputError("input_ids contain image tokens but pixel_values is None")
         return
-    if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
-        raise InputError(f"pixel_values must be a 4D tensor [num_images, C, H, W], got "
-                         f"{tuple(getattr(pixel_values, 'shape', ()))}")
-    vision = target.config.vision_config
-    if tuple(pixel_values.shape[1:]) != (vision.num_channels, vision.image_size, vision.image_size):
-        raise InputError(f"pixel_values images must be {vision.num_channels}x{vision.image_size}x"
-                         f"{vision.image_size} for this target, got {tuple(pixel_values.shape[1:])}")
-    bad = n_tokens % per_image != 0
-    if bool(bad.any()):
-        row = int(torch.nonzero(bad)[0])
-        raise InputError(f"row {row} has {int(n_tokens[row])} image tokens, not a multiple of the "
-                         f"{per_image} tokens one image expands to (was the prompt processed by the "
-                         "target's processor?)")
-    images = int(n_tokens.sum()) // per_image
-    if images != pixel_values.shape[0]:
-        raise InputError(f"input_ids hold image tokens for {images} image(s) but pixel_values has "
-                         f"{pixel_values.shape[0]} (batch of {B} rows)")
+    family.check_images(target.config, n_tokens, pixel_values, image_sizes)

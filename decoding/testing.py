@@ -6,6 +6,7 @@ only the sizes are tiny and the weights random.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -98,10 +99,42 @@ def make_tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_
     config = tiny_llava_config(**config_kwargs)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.bos_token_id = config.text_config.bos_token_id
-    return model.to(dtype).eval()
+    return _generation_ids(model, config.text_config).to(dtype).eval()
+
+
+def make_tiny_text_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
+    """A random tiny text-only model (Llama/Mistral/Qwen2ForCausalLM, by `text`) of the text config
+    `tiny_llava_config` would build: the same special ids, so it drafts for a tiny LLaVA. Its
+    vocabulary (`vocab_size`) may stop below the target's image token (a prefix of the target's)."""
+    from .families import model_class
+
+    text = tiny_llava_config(**config_kwargs).text_config
+    torch.manual_seed(seed)
+    model = model_class(text)(text)
+    return _generation_ids(model, text).to(dtype).eval()
+
+
+def text_model_of(llava, vocab_size: int | None = None):
+    """A text-only *ForCausalLM holding `llava`'s language model and LM head (its first `vocab_size`
+    rows; all by default): the natural text-only draft of a LLaVA, and a start for distilling one."""
+    from .families import model_class
+
+    text = copy.deepcopy(llava.config.text_config)
+    vocab = vocab_size or text.vocab_size
+    text.vocab_size = vocab
+    model = model_class(text)(text)
+    state = {f"model.{k}": v for k, v in llava.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = llava.lm_head.weight
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:vocab]
+    state["lm_head.weight"] = state["lm_head.weight"][:vocab]
+    model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    return _generation_ids(model, text).to(next(llava.parameters()).dtype).eval()
+
+
+def _generation_ids(model, text_config):
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, name, getattr(text_config, name))
+    return model
 
 
 def make_tiny_processor(vocab_size: int = 96, image_size: int = 16, patch_size: int = 8,

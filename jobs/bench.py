@@ -115,15 +115,15 @@ def quick_pair():
 
 
 def load_pair(args):
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
 
     from transformers import AutoProcessor
     for role in ("target", "draft"):
         if not Path(getattr(args, role), "config.json").is_file():
             raise UserError(f"--{role} {getattr(args, role)} is not a model directory; pass --{role} DIR "
                             "or use --quick for a tiny random pair")
-    target = load_llava(args.target, args.dtype, args.device)
-    draft = load_llava(args.draft, args.dtype, args.device)
+    target = load_model(args.target, args.dtype, args.device)
+    draft = load_model(args.draft, args.dtype, args.device)
     return target, draft, AutoProcessor.from_pretrained(args.target)
 
 

@@ -194,7 +194,7 @@ def join_cost(args) -> dict:
     import torch
 
     from decoding import SpeculativeDecoder
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from workers.batcher import ContinuousBatcher, RowRequest
     from workers.preprocess import Preprocessor
 
@@ -211,7 +211,7 @@ def join_cost(args) -> dict:
         target, draft = mixed_length_pair(os.path.join(work, "pair"))
         table = pa.table({"id": [str(i) for i in range(args.rows)], "image": [png_bytes(i, 16) for i in range(args.rows)]})
     pre = Preprocessor(target)(table)
-    decoder = SpeculativeDecoder(load_llava(target, torch.float32, "cpu"), load_llava(draft, torch.float32, "cpu"))
+    decoder = SpeculativeDecoder(load_model(target, torch.float32, "cpu"), load_model(draft, torch.float32, "cpu"))
     requests = []
     for row in pre.to_pylist():
         pixels = torch.tensor(row["pixel_values"], dtype=torch.float32)

@@ -221,13 +221,13 @@ def load(args, dtype: torch.dtype):
         from jobs.bench import quick_pair
         target, draft, processor = quick_pair()
         return target.to(args.device, dtype), draft.to(args.device, dtype), processor
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from transformers import AutoProcessor
     for role in ("target", "draft"):
         if not Path(getattr(args, role), "config.json").is_file():
             raise SystemExit(f"--{role} {getattr(args, role)} is not a model directory; "
                              "pass --target DIR --draft DIR or use --quick")
-    return (load_llava(args.target, dtype, args.device), load_llava(args.draft, dtype, args.device),
+    return (load_model(args.target, dtype, args.device), load_model(args.draft, dtype, args.device),
             AutoProcessor.from_pretrained(args.target))
 
 

@@ -24,7 +24,7 @@ def setup(args) -> tuple[torch.device, torch.dtype, list[int]]:
 
 def load_demo(role: str, device, dtype):
     """The demo pair's target or draft on device, in dtype."""
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from jobs.common import DEMO_PAIR
 
-    return load_llava(str(DEMO_PAIR / role), dtype, device)
+    return load_model(str(DEMO_PAIR / role), dtype, device)

@@ -79,10 +79,10 @@ def smollm2_pair(device, dtype, batch_sizes):
 def saved_pair(target_dir, draft_dir, device, dtype, batch_sizes, prompt=None):
     from transformers import AutoProcessor
 
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from jobs.bench import encode, make_inputs
 
-    target, draft = load_llava(str(target_dir), dtype, device), load_llava(str(draft_dir), dtype, device)
+    target, draft = load_model(str(target_dir), dtype, device), load_model(str(draft_dir), dtype, device)
     processor = AutoProcessor.from_pretrained(str(target_dir))
     text, images = make_inputs(processor, max(batch_sizes), prompt)
     return target, draft, lambda batch: encode(processor, text, images[:batch], device, dtype)

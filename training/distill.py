@@ -208,7 +208,7 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     from transformers import AutoProcessor
 
     from decoding import ModelPairError
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from training import acceptance, checkpoint, demo_model
     from training.schedule import optimizer_step, warmup_cosine
 
@@ -221,7 +221,7 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     work = Path(cfg.work_dir or f"{cfg.output.rstrip('/')}-work")
     work.mkdir(parents=True, exist_ok=True)
     try:   # safetensors only; refuses remote code and pickle-only dirs
-        target = load_llava(cfg.target, getattr(torch, cfg.teacher_dtype), device)
+        target = load_model(cfg.target, getattr(torch, cfg.teacher_dtype), device)
     except ModelPairError as exc:
         raise DistillError(str(exc)) from None
     processor = AutoProcessor.from_pretrained(cfg.target)

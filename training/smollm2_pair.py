@@ -18,7 +18,7 @@ transformers reads it (`from_pretrained(dir, gguf_file=...)`, needs `gguf`) as a
 `ensure_target()` builds it into a cache directory keyed by the GGUF file's sha256 (default
 `~/.cache/specllava/smollm2-<hash12>/target`, `$SPECLLAVA_CACHE` overrides the root) the first
 time and returns the directory afterwards: fp32 safetensors (~540 MB), never committed.
-The result is an ordinary checkpoint: `load_llava`, `caption`, `bench` and `distill` take it.
+The result is an ordinary checkpoint: `load_model`, `caption`, `bench` and `distill` take it.
 
 Everything here reads safetensors and GGUF tensors only: no pickle, no remote code.
 """
@@ -186,8 +186,8 @@ def build_target(gguf: Path, projector: str | Path | None = PROJECTOR_FILE, seed
         model.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).expand(vocab - head.shape[0], -1)]))
 
     # vision tower: the demo target's (loaded through transformers, whatever its key layout on disk)
-    from decoding.loading import load_llava
-    demo_model = load_llava(DEMO_TARGET, "float32")
+    from decoding.loading import load_model
+    demo_model = load_model(DEMO_TARGET, "float32")
     model.model.vision_tower.load_state_dict(demo_model.model.vision_tower.state_dict(), strict=True)
     del demo_model
     if projector is not None and Path(projector).is_file():
@@ -281,11 +281,11 @@ def align(target_dir: str | Path, output: str | Path, work_dir: str | Path, *, s
     from tqdm import tqdm
     from transformers import AutoProcessor
 
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from training import checkpoint, demo_model
     from training.schedule import optimizer_step, warmup_cosine
 
-    model = load_llava(target_dir, "float32")
+    model = load_model(target_dir, "float32")
     processor = AutoProcessor.from_pretrained(target_dir)
     tok = processor.tokenizer
     model.requires_grad_(False)

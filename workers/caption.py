@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from decoding.engine import SEED_BITS, row_seed
-from decoding.loading import load_llava, parse_dtype  # safetensors only; refuses remote code and pickle
+from decoding.loading import load_model, parse_dtype  # safetensors only; refuses remote code and pickle
 from workers import storage
 from workers.batcher import ContinuousBatcher, RowRequest
 from workers.drill import Drill
@@ -100,8 +100,8 @@ class CaptionWorker:
         torch_dtype = parse_dtype(dtype, self.device)
         target_dir = storage.local_copy(target, s3_endpoint)
         draft_dir = storage.local_copy(draft, s3_endpoint)
-        self.target = load_llava(target_dir, torch_dtype, self.device)
-        self.draft = load_llava(draft_dir, torch_dtype, self.device)
+        self.target = load_model(target_dir, torch_dtype, self.device)
+        self.draft = load_model(draft_dir, torch_dtype, self.device)
         self.tokenizer = AutoProcessor.from_pretrained(target_dir).tokenizer
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else 0

@@ -102,7 +102,7 @@ def test_tokenizer_mismatch():
 def test_different_image_expansion():
     target, _ = pair()
     other = make_tiny_llava(seed=2, image_token_id=95, vision_feature_select_strategy="full")
-    with pytest.raises(ModelPairError, match="expands an image"):
+    with pytest.raises(ModelPairError, match="expand images differently"):
         SpeculativeDecoder(target, other)
 
 

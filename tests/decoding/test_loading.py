@@ -6,7 +6,7 @@ import torch
 
 from decoding import ModelPairError
 from decoding import loading
-from decoding.loading import check_model_dir, load_llava, parse_dtype, weights_device_map
+from decoding.loading import check_model_dir, load_model, parse_dtype, weights_device_map
 from decoding.testing import make_tiny_llava
 
 
@@ -18,7 +18,7 @@ def saved(tmp_path_factory):
 
 
 def test_loads_safetensors(saved):
-    model = load_llava(saved, "fp32")
+    model = load_model(saved, "fp32")
     assert not model.training and next(model.parameters()).dtype == torch.float32
 
 
@@ -69,14 +69,16 @@ def test_device_map_names_one_device():
 
 
 def _spy_from_pretrained(monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
     calls = []
-    original = loading.LlavaForConditionalGeneration.from_pretrained
+    original = LlavaForConditionalGeneration.from_pretrained
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loading.LlavaForConditionalGeneration, "from_pretrained", spy)
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", spy)
     return calls
 
 
@@ -93,7 +95,7 @@ def test_loads_straight_to_device_in_dtype(saved, monkeypatch):
         return original_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
-    model = load_llava(saved, "bfloat16", "cpu")
+    model = load_model(saved, "bfloat16", "cpu")
     assert len(calls) == 1
     kwargs = calls[0]
     assert kwargs["device_map"] == {"": torch.device("cpu")} and kwargs["dtype"] is torch.bfloat16
@@ -116,7 +118,7 @@ def test_same_model_as_load_then_move(saved, dtype):
     """On a CPU the direct load gives exactly what from_pretrained-then-.to(cpu) gave before."""
     from transformers import LlavaForConditionalGeneration
 
-    model = load_llava(saved, dtype, "cpu")
+    model = load_model(saved, dtype, "cpu")
     before = LlavaForConditionalGeneration.from_pretrained(
         saved, use_safetensors=True, trust_remote_code=False, dtype=parse_dtype(dtype)).to("cpu").eval()
     a, b = model.state_dict(), before.state_dict()

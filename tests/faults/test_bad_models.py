@@ -84,23 +84,23 @@ def bad_models(tmp_path_factory, tiny_pair):
 # --- decoding/: the loader and the pair checks -------------------------------------------------
 
 def test_loader_refuses_pickle_and_remote_code_without_running_them(bad_models):
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
 
     dirs, sentinel = bad_models
     for case in ("pickle-only", "remote-code", "tokenizer-remote-code"):
         with pytest.raises(ModelPairError, match=EXPECTED[case]):
-            load_llava(dirs[case])
+            load_model(dirs[case])
     assert not sentinel.exists()
 
 
 def test_decoder_refuses_a_draft_with_another_vocabulary(bad_models, tiny_pair):
     from decoding import SpeculativeDecoder
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
 
-    target = load_llava(tiny_pair[0])
+    target = load_model(tiny_pair[0])
     with pytest.raises(ModelPairError, match="draft must share the target's tokenizer"):
-        SpeculativeDecoder(target, load_llava(bad_models[0]["other-vocab"]))
-    SpeculativeDecoder(target, load_llava(tiny_pair[1]))  # control: the real pair is accepted
+        SpeculativeDecoder(target, load_model(bad_models[0]["other-vocab"]))
+    SpeculativeDecoder(target, load_model(tiny_pair[1]))  # control: the real pair is accepted
 
 
 def test_tokenizer_check_refuses_other_ids_and_other_special_tokens(bad_models, tiny_pair):

@@ -212,6 +212,6 @@ def test_loader_passes_use_safetensors_and_no_remote_code(tiny_pair, monkeypatch
     from tests.decoding.test_loading import _spy_from_pretrained
 
     calls = _spy_from_pretrained(monkeypatch)
-    loading.load_llava(tiny_pair[0])
+    loading.load_model(tiny_pair[0])
     assert len(calls) == 1
     assert calls[0]["use_safetensors"] is True and calls[0]["trust_remote_code"] is False

@@ -128,12 +128,12 @@ def test_demo_pair_speculative_captions_equal_target_greedy():
     from transformers import AutoProcessor
 
     from decoding import SpeculativeDecoder
-    from decoding.loading import load_llava
+    from decoding.loading import load_model
     from jobs.bench import encode, make_inputs
     from tests.helpers import target_greedy
 
-    target = load_llava(DEMO / "target", "fp32")
-    draft = load_llava(DEMO / "draft", "fp32")
+    target = load_model(DEMO / "target", "fp32")
+    draft = load_model(DEMO / "draft", "fp32")
     processor = AutoProcessor.from_pretrained(DEMO / "target")
     text, images = make_inputs(processor, 8)
     ids, mask, pixels = encode(processor, text, images, "cpu", torch.float32)

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("gguf")
 
 from decoding import SpeculativeDecoder, TreeConfig  # noqa: E402
-from decoding.loading import load_llava  # noqa: E402
+from decoding.loading import load_model  # noqa: E402
 from tests.helpers import perturbed_copy  # noqa: E402
 from tests.training.tiny_gguf import write_tiny_gguf  # noqa: E402
 from training import smollm2_pair as sp  # noqa: E402
@@ -37,7 +37,7 @@ def test_target_is_an_ordinary_safetensors_checkpoint(built):
     names = sorted(p.name for p in built.iterdir())
     assert "model.safetensors" in names and "config.json" in names and "pair.json" in names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
-    model = load_llava(built)
+    model = load_model(built)
     processor = AutoProcessor.from_pretrained(built)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(sp.IMAGE_TOKEN)
@@ -56,7 +56,7 @@ def test_target_is_an_ordinary_safetensors_checkpoint(built):
 def test_language_model_keeps_the_gguf_weights(tiny_gguf, built):
     """The LLaVA's text model computes exactly what the GGUF's LlamaForCausalLM computes."""
     lm, _ = sp.load_language_model(tiny_gguf)
-    model = load_llava(built)
+    model = load_model(built)
     ids = torch.randint(3, lm.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = lm(input_ids=ids).logits  # [2, 9, V0]
@@ -103,11 +103,11 @@ def test_cache_is_built_once_and_keyed_by_the_file_hash(tiny_gguf, tmp_path, mon
 def test_projector_file_is_attached(tiny_gguf, built, tmp_path):
     from safetensors.torch import save_file
 
-    model = load_llava(built)
+    model = load_model(built)
     proj = {k: torch.full_like(v, 0.01) for k, v in model.model.multi_modal_projector.state_dict().items()}
     save_file(proj, str(tmp_path / "proj.safetensors"))
     out = sp.ensure_target(tiny_gguf, tmp_path / "t", projector=tmp_path / "proj.safetensors", log=lambda m: None)
-    got = load_llava(out).model.multi_modal_projector.state_dict()
+    got = load_model(out).model.multi_modal_projector.state_dict()
     assert all(torch.equal(got[k], proj[k]) for k in proj)
     with pytest.raises(sp.PairError, match="no such file"):
         sp.build_target(tiny_gguf, projector=tmp_path / "missing.safetensors")
@@ -120,7 +120,7 @@ def test_decoder_is_lossless_on_the_built_target(built):
 
     from jobs.bench import encode, make_inputs
 
-    target = load_llava(built)
+    target = load_model(built)
     draft = perturbed_copy(target, 0.3, seed=1)
     processor = AutoProcessor.from_pretrained(built)
     text, images = make_inputs(processor, 3, sp.DETAIL_PROMPT)
@@ -190,7 +190,7 @@ def test_distill_extensions_on_the_built_target(built, tmp_path):
     with safe_open(str(tmp_path / "draft" / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert not [k for k in keys if k.startswith("lm_head")], "tied lm_head is stored once"
-    draft = load_llava(tmp_path / "draft")
+    draft = load_model(tmp_path / "draft")
     assert draft.lm_head.weight.data_ptr() == draft.model.language_model.embed_tokens.weight.data_ptr()
     assert stats["acceptance"]["mean_caption_tokens"] == 6  # every held-out caption ran 6 tokens past EOS
 
@@ -206,7 +206,7 @@ def test_real_smollm2_pair(tmp_path):
     from jobs.bench import encode, make_inputs
 
     out = sp.ensure_target(None, tmp_path / "target", log=lambda m: None)
-    model = load_llava(out)
+    model = load_model(out)
     text_cfg = model.config.text_config
     assert (text_cfg.num_hidden_layers, text_cfg.hidden_size, text_cfg.vocab_size) == (30, 576, 49216)
     lm, tok = sp.load_language_model(sp.find_gguf())
@@ -223,7 +223,7 @@ def test_real_smollm2_pair(tmp_path):
     assert len({tuple(g) for g in gen}) > 1, "captions do not depend on the image"
     draft_dir = sp.PAIR_ASSETS / "draft"
     if (draft_dir / "config.json").is_file():
-        draft = load_llava(draft_dir)
+        draft = load_model(draft_dir)
         res = SpeculativeDecoder(model, draft, TreeConfig()).generate(
             ids, mask, pixels, max_new_tokens=32, eos_token_id=[])
         with torch.no_grad():
@@ -245,7 +245,7 @@ def test_shipped_assets_fit_the_pair():
     draft_dir = sp.PAIR_ASSETS / "draft"
     size = sum(p.stat().st_size for p in draft_dir.iterdir())
     assert size <= 60e6
-    draft = load_llava(draft_dir)
+    draft = load_model(draft_dir)
     cfg = draft.config
     assert (cfg.text_config.vocab_size, cfg.image_token_id) == (49216, 49152)
     assert draft.lm_head.weight.data_ptr() == draft.model.language_model.embed_tokens.weight.data_ptr()
@@ -261,7 +261,7 @@ def test_align_trains_only_the_projector_and_resumes(built, tmp_path):
     the target directory is untouched; a second call with more steps continues the checkpoint."""
     from safetensors.torch import load_file
 
-    before = load_llava(built).state_dict()
+    before = load_model(built).state_dict()
     out = tmp_path / "proj.safetensors"
     stats = sp.align(built, out, tmp_path / "work", steps=2, batch_size=2, eval_every=0, final_eval_images=2,
                      checkpoint_every=1, quiet=True)
@@ -269,7 +269,7 @@ def test_align_trains_only_the_projector_and_resumes(built, tmp_path):
     proj = load_file(str(out))
     assert set(proj) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
     assert not torch.equal(proj["linear_1.weight"], before["model.multi_modal_projector.linear_1.weight"])
-    after = load_llava(built).state_dict()
+    after = load_model(built).state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     more = sp.align(built, out, tmp_path / "work", steps=3, batch_size=2, eval_every=0, final_eval_images=2,
                     checkpoint_every=1, quiet=True)
