@@ -44,7 +44,7 @@ from .capacity import PENDING_CAP, tree_room
 from .errors import CapacityError, InputError
 from .consts import arange
 from .kvpool import KVPool, KVShape
-from .families import text_prompt
+from .families import adapter, text_prompt
 from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
 from .stepstate import PhaseTimer, SlotState, causal, empty_tree, read_host, rows_of, zero_column
@@ -234,6 +234,10 @@ class SpeculativeEngine:
             hidden = vision_hidden_states(dec.target, pixel_values)
             target_mm = project_image_features(dec.target, hidden)
             draft_mm = project_image_features(dec.draft, hidden)
+        elif pixel_values is not None:     # the family's own encoding (any-resolution: checked per row)
+            image_tokens = ((input_ids == dec.image_token_id) & attention_mask.bool()).sum(-1).tolist()
+            target_mm = adapter(dec.target).encode_images(dec.target, pixel_values.to(self.device), image_sizes,
+                                                          image_tokens)
         tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm,
                               image_sizes=image_sizes)
         drf, _ = prefill(dec.draft, d_ids, d_mask, None if dec.text_draft else pixel_values, draft_mm,

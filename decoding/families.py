@@ -78,6 +78,10 @@ class Family:
         """Raise InputError for images that do not fit this family. image_tokens: [B] per row."""
         raise NotImplementedError
 
+    def encode_images(self, model, pixel_values: Tensor, image_sizes: Tensor | None, image_tokens: list[int]):
+        """`mm_encoder_outputs` for the model's forward, or None to let the forward encode them."""
+        return None
+
 
 class LlavaFamily(Family):
     name = "llava"
@@ -141,6 +145,31 @@ class LlavaNextFamily(Family):
                              f"{vision.image_size} for this target, got {tuple(pixel_values.shape[2:])}")
         if bool((image_tokens > 0).sum() == 0):
             raise InputError("pixel_values given but input_ids hold no image tokens")
+
+    def encode_images(self, model, pixel_values: Tensor, image_sizes: Tensor, image_tokens: list[int]) -> dict:
+        """`mm_encoder_outputs` for the model's forward: its own image features (one vision pass,
+        as its forward would run it), after checking that each row's image tokens are exactly
+        its images' features (the model itself only checks the batch's total, so images given
+        in another order than the rows' would land in the wrong rows). image_tokens: per row."""
+        cfg = model.config
+        kwargs = {"vision_aspect_ratio": cfg.vision_aspect_ratio} if hasattr(cfg, "vision_aspect_ratio") else {}
+        out = model.model.get_image_features(
+            pixel_values.to(next(model.parameters()).dtype), image_sizes, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True, **kwargs)
+        lengths = [int(f.shape[0]) for f in out.pooler_output]
+        image = 0
+        for row, want in enumerate(image_tokens):
+            got = 0
+            while got < want and image < len(lengths):
+                got += lengths[image]
+                image += 1
+            if got != want:
+                raise InputError(f"row {row} has {want} image tokens but its image(s) give {got} features "
+                                 f"(images make {lengths} tokens at image_sizes {image_sizes.tolist()}): give one "
+                                 "image per <image> in row order, with the processor's image_sizes")
+        if image != len(lengths):
+            raise InputError(f"{len(lengths)} images given but the rows' image tokens take {image}")
+        return {"image": out}
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):

@@ -190,3 +190,92 @@ def save_tiny_pair(directory: str | Path, target_seed: int = 0, draft_seed: int 
         processor.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+# -- any-resolution families (LLaVA-NeXT, LLaVA-OneVision) ---------------------------------------
+# Tiles of 16x16 px (2x2 patches of 8 px); an image is resized onto the best of these grids.
+TINY_GRID_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+
+
+def tiny_anyres_config(family: str = "llava_next", *, text: str | None = None, **kwargs):
+    """A LlavaNextConfig (CLIP tower, LLaMA text by default) or a LlavaOnevisionConfig (SigLIP tower,
+    Qwen2 text by default, as the real ones) of `tiny_llava_config`'s sizes, any-resolution tiling
+    over TINY_GRID_PINPOINTS. kwargs: tiny_llava_config's."""
+    from transformers import LlavaNextConfig, LlavaOnevisionConfig, SiglipVisionConfig
+
+    if family not in ANYRES_FAMILIES:
+        raise ValueError(f"family must be one of {ANYRES_FAMILIES}, got {family!r}")
+    onevision = family == "llava_onevision"
+    base = tiny_llava_config(text=text or ("qwen2" if onevision else "llama"), **kwargs)
+    common = dict(text_config=base.text_config.to_dict(), image_token_id=base.image_token_id,
+                  image_grid_pinpoints=TINY_GRID_PINPOINTS, vision_feature_layer=-2,
+                  projector_hidden_act="gelu")
+    if onevision:
+        v = base.vision_config
+        vision = SiglipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                    num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                                    image_size=v.image_size, patch_size=v.patch_size, vision_use_head=False)
+        config = LlavaOnevisionConfig(vision_config=vision.to_dict(), vision_feature_select_strategy="full",
+                                      video_token_id=base.text_config.vocab_size + 1, **common)
+    else:
+        config = LlavaNextConfig(vision_config=base.vision_config.to_dict(),
+                                 vision_feature_select_strategy=base.vision_feature_select_strategy, **common)
+    config.initializer_range = base.initializer_range
+    return config
+
+
+def make_tiny_anyres(family: str = "llava_next", seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs):
+    """A random tiny LlavaNext/LlavaOnevisionForConditionalGeneration in eval mode (deterministic per seed)."""
+    from .families import model_class
+
+    config = tiny_anyres_config(family, **kwargs)
+    torch.manual_seed(seed)
+    model = model_class(config)(config)
+    return _generation_ids(model, config.text_config).to(dtype).eval()
+
+
+def make_tiny_next_processor(vocab_size: int = 96):
+    """The real LlavaNextProcessor over the tiny tokenizer: it tiles each image by its size and
+    expands `<image>` to that image's token count (and returns image_sizes)."""
+    tiny = make_tiny_processor(vocab_size=vocab_size)
+    tokenizer, template = tiny.tokenizer, tiny.chat_template
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                 image_grid_pinpoints=TINY_GRID_PINPOINTS)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=template)
+
+
+def tiny_anyres_inputs(model, images, prompts: list[str], vocab_size: int = 96) -> dict:
+    """Left-padded inputs for a tiny any-resolution model, one image per row: input_ids and
+    attention_mask with each `<image>` expanded to its image's token count, pixel_values
+    [N, tiles, C, H, W] and image_sizes [N, 2].
+
+    NeXT: the real LlavaNextProcessor. OneVision: its real image processor for pixels and sizes;
+    the token count per image is the model's own (its get_image_features on those pixels),
+    because LlavaOnevisionProcessor cannot be built without torchvision (its video processor)."""
+    family = model.config.model_type
+    if family == "llava_next":
+        return dict(make_tiny_next_processor(vocab_size)(images=images, text=prompts, return_tensors="pt",
+                                                         padding=True))
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    pixels = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                             image_grid_pinpoints=TINY_GRID_PINPOINTS)(images, return_tensors="pt")
+    cfg = model.config
+    with torch.no_grad():
+        features = model.model.get_image_features(
+            pixels["pixel_values"], pixels["image_sizes"], vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            vision_aspect_ratio=cfg.vision_aspect_ratio).pooler_output
+    counts = [f.shape[0] for f in features]
+    tokenizer = make_tiny_processor(vocab_size=vocab_size).tokenizer
+    texts = [p.replace(IMAGE_TOKEN, " ".join([IMAGE_TOKEN] * n), 1) for p, n in zip(prompts, counts)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])

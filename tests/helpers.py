@@ -37,12 +37,16 @@ def random_batch(model, batch: int, lengths: list[int] | None = None, seed: int 
     return ids, mask, pixels
 
 
-def target_greedy(model, ids, mask, pixels, max_new_tokens: int, eos: int | list[int] | None) -> list[list[int]]:
-    """The target's own `generate(do_sample=False)`, cut after the first EOS (EOS kept); eos None = no EOS."""
+def target_greedy(model, ids, mask, pixels, max_new_tokens: int, eos: int | list[int] | None,
+                  image_sizes=None) -> list[list[int]]:
+    """The target's own `generate(do_sample=False)`, cut after the first EOS (EOS kept); eos None = no EOS.
+    image_sizes: [N, 2] for any-resolution targets (NeXT, OneVision)."""
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                   eos_token_id=eos, pad_token_id=0)
     if pixels is not None:
         kwargs["pixel_values"] = pixels.to(next(model.parameters()).dtype)
+    if image_sizes is not None:
+        kwargs["image_sizes"] = image_sizes
     with torch.no_grad():
         out = model.generate(**kwargs)[:, ids.shape[1]:].tolist()
     eos_set = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))

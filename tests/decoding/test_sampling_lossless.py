@@ -48,16 +48,16 @@ def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor
     return probs
 
 
-def exact_joint(model, ids, mask, pixels, temperature, top_p) -> torch.Tensor:
+def exact_joint(model, ids, mask, pixels, temperature, top_p, **vision) -> torch.Tensor:
     """P(t1, t2, t3) of `model`'s own sampling, as a [V, V, V] tensor.
 
     Generated tokens may equal the image token id, so the continuations are fed through the
-    prompt's cache rather than re-processed with the image.
+    prompt's cache rather than re-processed with the image. vision: e.g. image_sizes (NeXT).
     """
     from transformers import DynamicCache
     with torch.no_grad():
         cache = DynamicCache()
-        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
+        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True, **vision)
         cache.batch_repeat_interleave(V * V)
         t12 = torch.cartesian_prod(torch.arange(V), torch.arange(V))             # [V*V, 2]
         attn = torch.ones(V * V, ids.shape[1] + 2, dtype=torch.long)
@@ -82,7 +82,7 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def speculative_counts(pair, temperature, top_p, seed=0, compile="off"):
+def speculative_counts(pair, temperature, top_p, seed=0, compile="off", image_sizes=None):
     target, draft, ids, mask, pixels = pair
     decoder = SpeculativeDecoder(target, draft, TreeConfig(top_k=2, frontier=2, max_depth=3, max_nodes=6,
                                                            threshold=0.0), compile=compile)
@@ -90,9 +90,10 @@ def speculative_counts(pair, temperature, top_p, seed=0, compile="off"):
     counts = torch.zeros(V, V, V, dtype=torch.long)
     accepted = []
     for _ in range(N_SAMPLES // CHUNK):
-        res = decoder.generate(ids.expand(CHUNK, -1), mask.expand(CHUNK, -1), pixels.expand(CHUNK, -1, -1, -1),
+        sizes = None if image_sizes is None else image_sizes.expand(CHUNK, -1)
+        res = decoder.generate(ids.expand(CHUNK, -1), mask.expand(CHUNK, -1), pixels.expand(CHUNK, *pixels.shape[1:]),
                                max_new_tokens=3, temperature=temperature, top_p=top_p, eos_token_id=[],
-                               generator=gen)
+                               generator=gen, image_sizes=sizes)
         seqs = torch.tensor(res.sequences)
         counts.view(-1).index_add_(0, seqs[:, 0] * V * V + seqs[:, 1] * V + seqs[:, 2],
                                    torch.ones(CHUNK, dtype=torch.long))
@@ -164,7 +165,7 @@ def exact_pair_joint(model, ids, mask, pixels, temperature, top_k) -> torch.Tens
 
     with torch.no_grad():
         cache = DynamicCache()
-        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
+        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True, **vision)
         cache.batch_repeat_interleave(V_WIDE)
         attn = torch.ones(V_WIDE, ids.shape[1] + 1, dtype=torch.long)
         second = model(input_ids=torch.arange(V_WIDE).unsqueeze(1), attention_mask=attn, cache=cache,
