@@ -165,7 +165,7 @@ def exact_pair_joint(model, ids, mask, pixels, temperature, top_k) -> torch.Tens
 
     with torch.no_grad():
         cache = DynamicCache()
-        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True, **vision)
+        first = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, cache=cache, use_cache=True)
         cache.batch_repeat_interleave(V_WIDE)
         attn = torch.ones(V_WIDE, ids.shape[1] + 1, dtype=torch.long)
         second = model(input_ids=torch.arange(V_WIDE).unsqueeze(1), attention_mask=attn, cache=cache,
