@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--embed-init", choices=("random", "pca"), default="random",
                    help="pca: start the draft's embeddings from the target's top principal components")
     p.add_argument("--topk", type=POSITIVE_INT, default=64, help="target log-probs kept per position")
+    p.add_argument("--text-only", action="store_true", help="train a text-only draft (a LlamaForCausalLM-style "
+                   "model of the target's text kind, no vision tower): it drafts from the prompt's text alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     add_dtype_argument(p, "--teacher-dtype", default="float32")

@@ -102,6 +102,7 @@ def check_models(target: str, draft: str, s3_endpoint: str | None = None) -> Non
     from transformers import AutoConfig, AutoTokenizer
 
     from decoding.errors import ModelPairError
+    from decoding.families import adapter
     from decoding.models import check_pair_configs, check_tokenizers
 
     configs, tokenizers = {}, {}
@@ -117,7 +118,8 @@ def check_models(target: str, draft: str, s3_endpoint: str | None = None) -> Non
     try:
         check_pair_configs(configs["target"], configs["draft"])
         if len(tokenizers) == 2:
-            check_tokenizers(tokenizers["target"], tokenizers["draft"])
+            check_tokenizers(tokenizers["target"], tokenizers["draft"],
+                             text_draft=not adapter(configs["draft"]).multimodal)
     except ModelPairError as exc:
         raise PipelineError(f"--draft {draft} cannot decode with --target {target}: {exc}") from None
 

@@ -37,7 +37,8 @@ def chain_tau(matches: list[bool], depth: int) -> float:
 @torch.no_grad()
 def agreement(target, draft, sequences: list[list[int]], prompt_len: int, pixel_values: torch.Tensor,
               pad_id: int, depths: tuple[int, ...] = (1, 2, 4, 8), batch_size: int = 32) -> dict:
-    """sequences: prompt + target greedy caption (+ EOS) per image; pixel_values [N, 3, H, W]."""
+    """sequences: prompt + target greedy caption (+ EOS) per image; pixel_values [N, 3, H, W], or
+    None for a text-only draft (then the sequences' prompts are its prompts, without image tokens)."""
     top1 = top3 = total = 0
     per_row: list[list[bool]] = []
     device = next(draft.parameters()).device
@@ -49,8 +50,9 @@ def agreement(target, draft, sequences: list[list[int]], prompt_len: int, pixel_
         for b, r in enumerate(rows):
             ids[b, :len(r)] = torch.tensor(r)
             mask[b, :len(r)] = 1
-        pix = pixel_values[i:i + batch_size].to(device, next(draft.parameters()).dtype)
-        logits = draft(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pix).logits
+        vision = {} if pixel_values is None else {
+            "pixel_values": pixel_values[i:i + batch_size].to(device, next(draft.parameters()).dtype)}
+        logits = draft(input_ids=ids.to(device), attention_mask=mask.to(device), **vision).logits
         top = logits.topk(3, dim=-1).indices.cpu()  # [B, T, 3]
         for b, r in enumerate(rows):
             n = len(r) - prompt_len  # caption tokens; the logit at t predicts token t + 1
@@ -69,12 +71,18 @@ def agreement(target, draft, sequences: list[list[int]], prompt_len: int, pixel_
 
 
 @torch.no_grad()
-def decode_ms(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, steps: int = 40, warmup: int = 5) -> float:
-    """Median ms of one batch-1 cached decode step; input_ids [1, T], pixel_values [1, 3, H, W]."""
+def decode_ms(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, steps: int = 40,
+              warmup: int = 5) -> float:
+    """Median ms of one batch-1 cached decode step; input_ids [1, T], pixel_values [1, 3, H, W]
+    (None: a text-only model)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config.text_config)
-    out = model(input_ids=input_ids, pixel_values=pixel_values, cache=cache, use_cache=True)
+    from decoding.models import text_config
+
+    text = text_config(model)
+    cache = DynamicCache(config=text)
+    vision = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, **vision)
     token = out.logits[:, -1:].argmax(-1)  # [1, 1]
     times = []
     for i in range(warmup + steps):
@@ -83,6 +91,6 @@ def decode_ms(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, steps:
         token = out.logits[:, -1:].argmax(-1)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        if input_ids.shape[1] + i + 2 >= model.config.text_config.max_position_embeddings:
+        if input_ids.shape[1] + i + 2 >= text.max_position_embeddings:
             break
     return 1000 * statistics.median(times)

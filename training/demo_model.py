@@ -111,7 +111,9 @@ def build_model(config, seed: int = 0):
 
 def text_parameters(model) -> int:
     """Parameters of the text model and LM head, a tied embedding/LM-head matrix counted once."""
-    params = {id(p): p for p in [*model.model.language_model.parameters(), model.lm_head.weight]}
+    from decoding.families import adapter
+
+    params = {id(p): p for p in [*adapter(model).text_model(model).parameters(), model.lm_head.weight]}
     return sum(p.numel() for p in params.values())
 
 

@@ -66,6 +66,7 @@ class DistillConfig:
     threads: int | None = None        # torch CPU threads
     checkpoint_every: int = 100
     quiet: bool = False               # no progress bars
+    text_only: bool = False           # a text-only draft (*ForCausalLM): it sees the prompt without image tokens
     images_label: str = ""            # where the images came from (part of the teacher cache key)
 
 
@@ -95,26 +96,31 @@ def pca_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def build_draft(target, *, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0,
-                tie_embeddings: bool = False, embed_init: str = "random"):
-    """A new draft whose vision tower is a frozen copy of the target's."""
-    from transformers import LlavaForConditionalGeneration
+                tie_embeddings: bool = False, embed_init: str = "random", text_only: bool = False):
+    """A new draft whose vision tower is a frozen copy of the target's; text_only: a *ForCausalLM
+    of the same text config (no vision at all: it drafts from the prompt's text, families.py)."""
+    from decoding.families import adapter, model_class
 
     if embed_init not in ("random", "pca"):
         raise DistillError(f"--embed-init must be random or pca, got {embed_init!r}")
     torch.manual_seed(seed)
     config = draft_config(target.config, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
                           tie_embeddings=tie_embeddings)
-    draft = LlavaForConditionalGeneration(config).float()
+    if text_only:
+        config = config.text_config
+    draft = model_class(config)(config).float()
+    lm, target_lm = adapter(draft).text_model(draft), adapter(target).text_model(target)
     if embed_init == "pca":
-        emb = pca_embeddings(target.model.language_model.embed_tokens.weight, hidden)
+        emb = pca_embeddings(target_lm.embed_tokens.weight, hidden)
         with torch.no_grad():
-            draft.model.language_model.embed_tokens.weight.copy_(emb)
+            lm.embed_tokens.weight.copy_(emb)
             if not tie_embeddings:
                 draft.lm_head.weight.copy_(emb)
     if tie_embeddings:
-        draft.lm_head.weight = draft.model.language_model.embed_tokens.weight
-    draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
-    draft.model.vision_tower.requires_grad_(False)
+        draft.lm_head.weight = lm.embed_tokens.weight
+    if not text_only:
+        draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
+        draft.model.vision_tower.requires_grad_(False)
     draft.generation_config = copy.deepcopy(target.generation_config)
     return draft
 
@@ -176,17 +182,18 @@ def kl_loss(draft_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: t
     return (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
-def draft_logits_at_captions(draft, prompt_ids: list[int], captions: torch.Tensor, pixel_values: torch.Tensor,
+def draft_logits_at_captions(draft, prompt_ids: list[int], captions: torch.Tensor, pixel_values: torch.Tensor | None,
                              pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft logits predicting each caption token: captions [B, C] (-1 padded) -> ([B, C, V], valid [B, C])."""
+    """Draft logits predicting each caption token: captions [B, C] (-1 padded) -> ([B, C, V], valid [B, C]).
+    pixel_values None: a text-only draft (prompt_ids are then its prompt, without image tokens)."""
     P, (B, C) = len(prompt_ids), captions.shape
     valid = captions >= 0  # [B, C]
     ids = torch.cat([torch.tensor(prompt_ids).expand(B, P), captions.clamp(min=0)], 1)  # [B, P + C]
     ids = torch.where(torch.cat([torch.ones(B, P, dtype=torch.bool), valid], 1), ids, pad_id)
     mask = torch.cat([torch.ones(B, P, dtype=torch.long), valid.long()], 1)  # right padding
     device = next(draft.parameters()).device
-    logits = draft(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   pixel_values=pixel_values.to(device)).logits  # [B, P + C, V]
+    vision = {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}
+    logits = draft(input_ids=ids.to(device), attention_mask=mask.to(device), **vision).logits  # [B, P + C, V]
     return logits[:, P - 1:P - 1 + C], valid.to(device)
 
 
@@ -253,7 +260,15 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     # 2. Draft and optimizer (+ resume).
     draft = build_draft(target, layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
                         intermediate=cfg.intermediate or 3 * cfg.hidden, seed=cfg.seed,
-                        tie_embeddings=cfg.tie_embeddings, embed_init=cfg.embed_init).to(device)
+                        tie_embeddings=cfg.tie_embeddings, embed_init=cfg.embed_init,
+                        text_only=cfg.text_only).to(device)
+    # What the draft sees: a text-only draft gets the prompt without its image tokens, and no pixels.
+    image_id = target.config.image_token_id
+    draft_prompt = [t for t in prompt_ids if t != image_id] if cfg.text_only else prompt_ids
+
+    def draft_pixels(pix):
+        return None if cfg.text_only else pix
+
     trainable = [p for p in draft.parameters() if p.requires_grad]
     n_text = demo_model.text_parameters(draft)
     _log(f"draft: {n_text / 1e6:.2f}M text parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable")
@@ -264,7 +279,8 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
 
     # 3. Train: KL(target || draft) on the target's captions.
     draft.train()
-    draft.model.vision_tower.eval()
+    if not cfg.text_only:
+        draft.model.vision_tower.eval()
     tick, window = time.time(), []
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="distill",
                disable=cfg.quiet, mininterval=5)
@@ -272,7 +288,8 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(len(train_images), (cfg.batch_size,), generator=g)
         pix = _encode(processor, [train_images[i] for i in idx.tolist()])  # [B, 3, H, W]
-        logits, valid = draft_logits_at_captions(draft, prompt_ids, teacher["captions"][idx], pix, pad_id)
+        logits, valid = draft_logits_at_captions(draft, draft_prompt, teacher["captions"][idx], draft_pixels(pix),
+                                                 pad_id)
         loss = kl_loss(logits, teacher["topk_logprobs"][idx].to(device), teacher["topk_ids"][idx].to(device), valid)
         window.append(optimizer_step(optimizer, trainable, loss,
                                      warmup_cosine(step, peak=cfg.lr, total=cfg.steps, warmup=cfg.warmup, floor=0.05)))
@@ -290,25 +307,26 @@ def distill(cfg: DistillConfig, images: list[bytes]) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(draft).to(getattr(torch, cfg.save_dtype)).save_pretrained(out)
-    processor.save_pretrained(out)
-    stats = {"steps": state["step"], "train_seconds": round(state["train_seconds"], 1),
+    (processor.tokenizer if cfg.text_only else processor).save_pretrained(out)
+    stats = {"draft_kind": "text-only" if cfg.text_only else "llava","steps": state["step"], "train_seconds": round(state["train_seconds"], 1),
              "draft_text_parameters": n_text, "history": state["history"]}
     if heldout_images:
         held = teacher_data(target, processor, heldout_images, prompt_ids, max_new_tokens=cfg.max_new_tokens,
                             topk=cfg.topk, pad_id=pad_id, eos_id=eos_id, progress=False, ignore_eos=cfg.ignore_eos)
         pix = _encode(processor, heldout_images)
         with torch.no_grad():
-            logits, valid = draft_logits_at_captions(draft, prompt_ids, held["captions"], pix, pad_id)
+            logits, valid = draft_logits_at_captions(draft, draft_prompt, held["captions"], draft_pixels(pix), pad_id)
             stats["heldout_kl"] = kl_loss(logits, held["topk_logprobs"].to(device), held["topk_ids"].to(device),
                                           valid).item()
-        seqs = [prompt_ids + [t for t in row if t >= 0] for row in held["captions"].tolist()]
-        stats["acceptance"] = acceptance.agreement(target, draft, seqs, len(prompt_ids), pix, pad_id)
+        seqs = [draft_prompt + [t for t in row if t >= 0] for row in held["captions"].tolist()]
+        stats["acceptance"] = acceptance.agreement(target, draft, seqs, len(draft_prompt), draft_pixels(pix), pad_id)
         stats["heldout_images"] = len(heldout_images)
         one = torch.tensor([prompt_ids], device=device)
         dt = next(target.parameters()).dtype
         # Interleaved repeats, median of each: one run alone is noisy on a shared CPU.
         runs = [(acceptance.decode_ms(target, one, pix[:1].to(device, dt), steps=100),
-                 acceptance.decode_ms(draft, one, pix[:1].to(device), steps=100)) for _ in range(3)]
+                 acceptance.decode_ms(draft, torch.tensor([draft_prompt], device=device),
+                                      None if cfg.text_only else pix[:1].to(device), steps=100)) for _ in range(3)]
         t_ms, d_ms = (statistics.median(x) for x in zip(*runs))
         stats["decode_ms"] = {"target": round(t_ms, 3), "draft": round(d_ms, 3), "ratio": round(d_ms / t_ms, 4),
                               "device": str(device), "threads": torch.get_num_threads()}

@@ -77,6 +77,36 @@ def test_distill_reduces_kl_and_resumes(tmp_path, processor, capsys):
         assert torch.equal(a.half().float(), b.float()), name  # the draft's vision tower is the target's
 
 
+def test_distill_text_only_draft_trains_and_decodes_losslessly(tmp_path, processor):
+    """`distill --text-only`: a LlamaForCausalLM draft (no vision) trained on the target's captions
+    from the prompt's text alone; it loads with load_model, passes the pair checks (its tokenizer
+    is the target's) and decodes exactly the target's greedy captions."""
+    from transformers import AutoTokenizer
+
+    from decoding import SpeculativeDecoder
+    from decoding.loading import load_model
+    from decoding.models import check_tokenizers
+    from tests.helpers import target_greedy
+
+    _tiny_target(tmp_path / "target", processor)
+    synthetic.write_shards(24, 12, str(tmp_path / "images"), seed=6)
+    assert main(["distill", "--target", str(tmp_path / "target"), "--images", str(tmp_path / "images"),
+                 "--output", str(tmp_path / "draft"), "--heldout-images", "6", "--batch-size", "8", "--hidden", "32",
+                 "--heads", "2", "--lr", "3e-3", "--warmup", "5", "--max-new-tokens", "8", "--steps", "30",
+                 "--device", "cpu", "--quiet", "--text-only"]) == 0
+    stats = json.loads((tmp_path / "draft" / "distill_stats.json").read_text())
+    kl = [h["kl"] for h in stats["history"]]
+    assert stats["draft_kind"] == "text-only" and kl[-1] < 0.8 * kl[0], kl
+    target, draft = load_model(tmp_path / "target"), load_model(tmp_path / "draft", "float32")
+    assert type(draft).__name__ == "LlamaForCausalLM" and not hasattr(draft.model, "vision_tower")
+    check_tokenizers(processor.tokenizer, AutoTokenizer.from_pretrained(tmp_path / "draft"), text_draft=True)
+    ids = torch.tensor([demo_model.prompt_ids(processor)] * 3)
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(3, 3, target.config.vision_config.image_size, target.config.vision_config.image_size)
+    result = SpeculativeDecoder(target, draft).generate(ids, mask, pixels, max_new_tokens=10, eos_token_id=[])
+    assert result.sequences == target_greedy(target, ids, mask, pixels, 10, None)
+
+
 def test_distill_user_errors(tmp_path, capsys):
     assert main(["distill", "--target", str(tmp_path / "nope"), "--images", str(tmp_path),
                  "--output", str(tmp_path / "d")]) == 2
