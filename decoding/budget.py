@@ -111,7 +111,7 @@ def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int
 
 
 def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, max_new_tokens: int,
-                  max_nodes_grid, depth_grid) -> dict[tuple[int, int], float]:
+                  max_nodes_grid, depth_grid, image_sizes=None) -> dict[tuple[int, int], float]:
     """tau(n, d) for every grid point, from one greedy decode with the largest tree (module doc)."""
     base = decoder.tree
     big = replace(base, max_depth=max(depth_grid), max_nodes=10 ** 6, threshold=base.threshold)
@@ -130,7 +130,8 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
     decoder.step_observer = observe
     budget, decoder.budget = decoder.budget, None
     try:
-        decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=[])
+        decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=[],
+                         image_sizes=image_sizes)
     finally:
         decoder.step_observer = None
         decoder.set_tree(base)
@@ -164,17 +165,18 @@ def _count_below(sorted_values: list[int], value: int) -> int:
     return bisect.bisect_left(sorted_values, value)
 
 
-def _replicate(input_ids, attention_mask, pixel_values, rows: int):
+def _replicate(input_ids, attention_mask, pixel_values, rows: int, image_sizes=None):
     """`rows` rows cycled from the calibration batch (one image per row)."""
     index = torch.arange(rows) % input_ids.shape[0]
     pixels = None if pixel_values is None else pixel_values[index.to(pixel_values.device)]
-    return input_ids[index], attention_mask[index], pixels
+    sizes = None if image_sizes is None else image_sizes[index.to(image_sizes.device)]
+    return input_ids[index], attention_mask[index], pixels, sizes
 
 
 def step_seconds(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, batch_size: int,
-                 shapes, steps: int = 2) -> dict:
+                 shapes, steps: int = 2, image_sizes=None) -> dict:
     """Median wall time of whole engine steps at `batch_size` rows, per shape ((n, d) or None)."""
-    samples = step_samples(decoder, input_ids, attention_mask, pixel_values, batch_size, shapes, steps)
+    samples = step_samples(decoder, input_ids, attention_mask, pixel_values, batch_size, shapes, steps, image_sizes)
     return {shape: statistics.median(t) for shape, t in samples.items()}
 
 
@@ -185,12 +187,12 @@ def relative_spread(times: list[float]) -> float:
 
 @torch.no_grad()
 def step_samples(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, batch_size: int,
-                 shapes, steps: int = 2) -> dict:
+                 shapes, steps: int = 2, image_sizes=None) -> dict:
     """Wall times of `steps` whole engine steps at `batch_size` rows, per shape ((n, d) or None),
     the shapes interleaved step by step after one warm-up round."""
-    ids, mask, pixels = _replicate(input_ids, attention_mask, pixel_values, batch_size)
+    ids, mask, pixels, sizes = _replicate(input_ids, attention_mask, pixel_values, batch_size, image_sizes)
     engine = decoder.engine(max_new_tokens=10 ** 6, eos_token_id=[])
-    engine.add(ids, mask, pixels)
+    engine.add(ids, mask, pixels, image_sizes=sizes)
     device = model_device(decoder.target)
     trees = {shape: None if shape is None else replace(decoder.tree, max_nodes=shape[0], max_depth=shape[1])
              for shape in shapes}
@@ -223,15 +225,16 @@ def choose(predicted: dict, noise: float):
 
 def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values,
                  batch_sizes=DEFAULT_BATCH_SIZES, max_new_tokens: int = 32, shapes=DEFAULT_SHAPES,
-                 steps: int = 3) -> BudgetTable:
+                 steps: int = 3, image_sizes=None) -> BudgetTable:
     """Calibrate acceptance once and step costs per batch size on this device; return the table
-    (not applied: set `decoder.budget = table`)."""
+    (not applied: set `decoder.budget = table`). image_sizes: for any-resolution targets."""
     shapes = tuple(shapes)
     tau = calibrate_tau(decoder, input_ids, attention_mask, pixel_values, max_new_tokens,
-                        sorted({n for n, _ in shapes}), sorted({d for _, d in shapes}))
+                        sorted({n for n, _ in shapes}), sorted({d for _, d in shapes}), image_sizes)
     entries = []
     for B in sorted(set(batch_sizes)):
-        samples = step_samples(decoder, input_ids, attention_mask, pixel_values, B, shapes + (None,), steps)
+        samples = step_samples(decoder, input_ids, attention_mask, pixel_values, B, shapes + (None,), steps,
+                               image_sizes)
         cost = {shape: statistics.median(t) for shape, t in samples.items()}
         predicted = {shape: (tau[shape] if shape else 1.0) / cost[shape] for shape in cost}
         noise = max(relative_spread(t) for t in samples.values())

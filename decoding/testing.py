@@ -279,3 +279,25 @@ def tiny_anyres_inputs(model, images, prompts: list[str], vocab_size: int = 96) 
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+
+
+def save_tiny_next_pair(directory: str | Path, draft: str = "next", target_seed: int = 0,
+                        draft_seed: int = 1) -> tuple[Path, Path]:
+    """Save a tiny LLaVA-NeXT target (with its LlavaNextProcessor) and a draft under
+    `directory`/{target,draft}: draft "next" (a one-layer NeXT with the same processor) or "text"
+    (the target's language model as a LlamaForCausalLM, with the tokenizer)."""
+    directory = Path(directory)
+    processor = make_tiny_next_processor()
+    target = make_tiny_anyres("llava_next", seed=target_seed, image_token_id=95)
+    target.save_pretrained(directory / "target", safe_serialization=True)
+    processor.save_pretrained(directory / "target")
+    if draft == "text":
+        text_model_of(target, vocab_size=95).save_pretrained(directory / "draft", safe_serialization=True)
+        processor.tokenizer.save_pretrained(directory / "draft")
+    elif draft == "next":
+        make_tiny_anyres("llava_next", seed=draft_seed, num_layers=1, image_token_id=95).save_pretrained(
+            directory / "draft", safe_serialization=True)
+        processor.save_pretrained(directory / "draft")
+    else:
+        raise ValueError(f"draft must be 'next' or 'text', got {draft!r}")
+    return directory / "target", directory / "draft"

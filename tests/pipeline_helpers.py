@@ -90,25 +90,28 @@ def reference_captions(target_dir: str, rows: dict, max_new_tokens: int) -> dict
     """The target's own greedy captions: target.generate(do_sample=False) on the same processed
     inputs (one row at a time, no padding), decoded like the worker decodes.
 
-    rows: {id: (input_ids [T], pixel_values [C, H, W])}.
+    rows: {id: (input_ids [T], pixel_values [C, H, W] or [tiles, C, H, W], image size or None)}.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
-    target = LlavaForConditionalGeneration.from_pretrained(target_dir, use_safetensors=True).eval()
+    from decoding.loading import load_model
+
+    target = load_model(target_dir)
     tokenizer = AutoProcessor.from_pretrained(target_dir).tokenizer
     out = {}
     with torch.no_grad():
-        for key, (ids, pix) in rows.items():
+        for key, (ids, pix, size) in rows.items():
             ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)[None]
+            vision = {} if size is None else {"image_sizes": torch.tensor([size])}
             gen = target.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
                                   pixel_values=torch.as_tensor(pix)[None], do_sample=False,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, **vision)
             out[key] = tokenizer.decode(gen[0, ids_t.shape[1]:].tolist(), skip_special_tokens=True).strip()
     return out
 
 
 def processed_inputs(preprocessor, images: dict, prompts: dict | None = None) -> dict:
-    """{id: (input_ids, pixel_values)} for decodable images, using the pipeline's Preprocessor."""
+    """{id: (input_ids, pixel_values, image size or None)} for decodable images, using the pipeline's Preprocessor."""
     from workers.preprocess import decode_image
 
     rows = {}

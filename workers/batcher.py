@@ -35,8 +35,9 @@ class RowRequest:
     """One ok row to caption: prompt ids (no padding), its image, and its sampling seed."""
 
     input_ids: np.ndarray                 # [T] int
-    pixel_values: torch.Tensor | None     # [1, C, H, W] or None
+    pixel_values: torch.Tensor | None     # [1, C, H, W] ([1, tiles, C, H, W] for NeXT) or None
     seed: int | None = None
+    image_sizes: torch.Tensor | None = None   # [1, 2] (height, width) for any-resolution targets
 
 
 @dataclass
@@ -180,8 +181,10 @@ class ContinuousBatcher:
         input_ids, attention_mask = left_pad([r.request.input_ids for r in rows], self.pad_token_id)
         pixels = [r.request.pixel_values for r in rows if r.request.pixel_values is not None]
         pixel_values = torch.cat(pixels) if pixels else None
+        sizes = [r.request.image_sizes for r in rows if r.request.image_sizes is not None]
         seeds = [r.request.seed for r in rows] if self.engine.options.sampling else None
-        finished = self.engine.add(input_ids, attention_mask, pixel_values, keys=keys, seeds=seeds)
+        finished = self.engine.add(input_ids, attention_mask, pixel_values, keys=keys, seeds=seeds,
+                                   image_sizes=torch.cat(sizes) if sizes else None)
         elapsed = time.perf_counter() - t0
         self.stats.admissions += 1
         self.stats.admitted_rows += len(rows)

@@ -162,12 +162,19 @@ class CaptionWorker:
         keys = batch.column(self.id_column).to_pylist()
         sampling = self.batcher.engine.options.sampling
         pixels = upload_pixels(flat, ok, shape, self.device, dtype)
+        sizes = None
+        if len(shape) == 4:   # any-resolution (NeXT): each row's image size picks its tiles
+            column = batch.column("image_sizes").to_pylist() if "image_sizes" in batch.column_names else None
+            if column is None or any(column[i] is None for i in ok):
+                raise ValueError("an any-resolution target needs the preprocess stage's image_sizes column")
+            sizes = torch.tensor([column[i] for i in ok], dtype=torch.long, device=self.device)
         requests = []
         for j, i in enumerate(ok):
             seed = None
             if sampling:
                 seed = row_seed(self.seed, keys[i]) if self.seed is not None else random.getrandbits(SEED_BITS)
-            requests.append(RowRequest(ids_col[i].values.to_numpy(zero_copy_only=False), pixels[j:j + 1], seed))
+            requests.append(RowRequest(ids_col[i].values.to_numpy(zero_copy_only=False), pixels[j:j + 1], seed,
+                                       None if sizes is None else sizes[j:j + 1]))
         return requests
 
     def _start(self, batch: pa.Table):
@@ -189,9 +196,11 @@ class CaptionWorker:
         self.budget_pending = False
         ids, mask = left_pad([r.input_ids for r in requests], self.pad_token_id)
         pixels = torch.cat([r.pixel_values for r in requests])
+        image_sizes = torch.cat([r.image_sizes for r in requests]) if requests[0].image_sizes is not None else None
         sizes = sorted({b for b in DEFAULT_BATCH_SIZES if b < self.batch_size} | {self.batch_size})
         table = choose_table(self.decoder, ids, mask, pixels, batch_sizes=sizes,
-                             max_new_tokens=min(32, self.batcher.engine.options.max_new_tokens))
+                             max_new_tokens=min(32, self.batcher.engine.options.max_new_tokens),
+                             image_sizes=image_sizes)
         self.decoder.budget = table
         self.batcher.engine.tree_for = table.lookup
         self.budget = table.to_dict()
@@ -254,9 +263,18 @@ class CaptionWorker:
         self.drill.after_batch()
         return self._finish(batch, ok, results, drill_ids)
 
-    def _pixel_shape(self, width: int) -> tuple[int, int, int]:
+    def _pixel_shape(self, width: int) -> tuple[int, ...]:
+        """[C, H, W] of a row's pixel_values, or [tiles, C, H, W] for an any-resolution target."""
+        from decoding.families import LlavaNextFamily, adapter
+
         vision = self.target.config.vision_config
         channels = getattr(vision, "num_channels", 3)
+        if isinstance(adapter(self.target), LlavaNextFamily):
+            side = vision.image_size
+            tiles, rest = divmod(width, channels * side * side)
+            if rest or not tiles:
+                raise ValueError(f"pixel_values rows of {width} floats are not {channels}x{side}x{side} tiles")
+            return tiles, channels, side, side
         side = int(round((width / channels) ** 0.5))
         if channels * side * side != width:
             raise ValueError(f"pixel_values rows of {width} floats are not {channels} square channels")

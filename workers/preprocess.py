@@ -171,46 +171,58 @@ class Preprocessor(ImageSource):
         self.processor = AutoProcessor.from_pretrained(storage.local_copy(target, s3_endpoint, skip_weights=True))
         if not getattr(self.processor, "chat_template", None):
             raise ValueError(f"the target's processor at {target} has no chat template")
-        probe = self.encode(Image.new("RGB", (32, 32)), prompt)
-        self.pixel_shape = tuple(probe[1].shape)  # [C, H, W]
+        _, probe, size = self.encode(Image.new("RGB", (32, 32)), prompt)
+        self.anyres = size is not None
+        if self.anyres:   # NeXT: [tiles, C, H, W] per image, tiles by its size; rows hold the most a grid gives
+            tile = probe.shape[1:]
+            grids = self.processor.image_processor.image_grid_pinpoints
+            self.pixel_shape = (1 + max((h // tile[1]) * (w // tile[2]) for h, w in grids), *tile)
+        else:
+            self.pixel_shape = tuple(probe.shape)  # [C, H, W]
         self.pixel_size = int(np.prod(self.pixel_shape))
 
     def render(self, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
-    def encode(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids [T] int32, pixel_values [C, H, W] float32) for one image and prompt."""
+    def encode(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, np.ndarray, list[int] | None]:
+        """(input_ids [T] int32, pixel_values float32, image size [height, width] or None) for one
+        image and prompt: pixel_values [C, H, W], or [tiles, C, H, W] with the image's size for an
+        any-resolution processor (NeXT)."""
         out = self.processor(images=[image], text=[self.render(prompt)], return_tensors="np")
-        return out["input_ids"][0].astype(np.int32), out["pixel_values"][0].astype(np.float32)
+        size = out.get("image_sizes")
+        return (out["input_ids"][0].astype(np.int32), out["pixel_values"][0].astype(np.float32),
+                None if size is None else [int(v) for v in size[0]])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         prompts = (batch.column(self.prompt_column).to_pylist() if self.prompt_column
                    else [None] * n)
-        status, errors, input_ids = [], [], []
+        status, errors, input_ids, sizes = [], [], [], []
         pixels = np.zeros((n, self.pixel_size), dtype=np.float32)
         for i in range(n):
             try:
                 image = self.image(batch, i)
-                ids, pix = self.encode(image, prompts[i] or self.prompt)
+                ids, pix, size = self.encode(image, prompts[i] or self.prompt)
             # A row's image bytes can make Pillow (or the processor) fail in many ways
             # (OSError, SyntaxError, struct.error, ...): all of them are this row's error.
             except Exception as exc:  # noqa: BLE001
                 status.append(STATUS_ERROR)
                 errors.append(one_line(exc))
                 input_ids.append([])
+                sizes.append(None)
                 continue
             status.append(STATUS_OK)
             errors.append(None)
             input_ids.append(ids)
-            pixels[i] = pix.reshape(-1)
+            sizes.append(size)
+            pixels[i, : pix.size] = pix.reshape(-1)   # any-resolution: the tiles past this image's stay zero
         id_col = batch.column(self.id_column).combine_chunks()
         schema = preprocessed_schema(self.id_column, id_col.type, self.pixel_size)
         pixel_col = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), self.pixel_size)
         out = pa.Table.from_arrays(
             [id_col, pa.array(status), pa.array(errors, pa.string()),
-             pa.array(input_ids, pa.list_(pa.int32())), pixel_col],
+             pa.array(input_ids, pa.list_(pa.int32())), pixel_col, pa.array(sizes, pa.list_(pa.int32()))],
             schema=schema,
         )
         return carry_row_index(out, batch)

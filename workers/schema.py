@@ -4,7 +4,9 @@ Stage contracts (every stage keeps the id column untouched, and passes `ROW_COLU
 when its input has it: the driver commits rows by that global row index):
 - read → preprocess: `id`, `image` (binary) or an image-URI column (string), optional `prompt`.
 - preprocess → worker (`preprocessed_schema`): id, status, error, input_ids (list<int32>, not
-  padded), pixel_values (fixed-size list<float32> of C*H*W, zeros for error rows).
+  padded), pixel_values (fixed-size list<float32> of C*H*W, or tiles*C*H*W for any-resolution
+  targets (NeXT), tiles past the image's own zeroed; zeros for error rows), image_sizes
+  (list<int32> [height, width] for any-resolution targets, else null).
 - worker → commit: the output table below, one row per input row.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ def preprocessed_schema(id_column: str, id_type: pa.DataType, pixel_size: int) -
         pa.field("error", pa.string()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("pixel_values", pa.list_(pa.float32(), pixel_size)),
+        pa.field("image_sizes", pa.list_(pa.int32())),
     ])
 
 
