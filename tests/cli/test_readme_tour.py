@@ -1,4 +1,4 @@
-"""The README's 5-minute tour runs as written, so the docs cannot rot.
+"""The README's 5-minute tour and its Ray-jobs section run as written, so the docs cannot rot.
 
 The tour's ```bash block is taken from README.md and run by bash, changed only where a test
 must: the venv's bin dir goes on PATH instead of `source .venv/bin/activate`, the moto server
@@ -7,6 +7,13 @@ sent SIGINT once its first unit is committed (with the fault drills' SPECLLAVA_D
 pacing the actors, so that lands mid-run on any machine), and the work happens in a temp dir. Everything
 else (commands, flags, the S3 bucket and prefixes, the hint the interrupted run prints) is the
 README's; a command that fails fails the test (`set -e`).
+
+The Ray-jobs block then runs in the same shell (its jobs read the tour's dataset), changed as
+little: `ray start --head` is a real head the test starts on loopback ports (tests/ray_head.py;
+its address exported as RAY_API_SERVER_ADDRESS, which `submit` reads), `raysubmit_XXXX` is the
+id `submit` printed last, `logs --follow` is Ctrl-C'd (SIGINT) once a progress line shows a
+commit so that `stop` meets a running job, and the id `resume --submit` prints is followed to
+its end before the table is checked.
 """
 from __future__ import annotations
 
@@ -28,6 +35,28 @@ def readme_block(heading: str) -> str:
     match = re.search(r"```bash\n(.*?)\n```", README[start:], re.S)
     assert match, f"no bash block after {heading!r}"
     return match.group(1)
+
+
+def jobs_script(dashboard: str) -> str:
+    block = readme_block("### As Ray jobs")
+    assert "raysubmit_XXXX" in block and block.startswith("ray start --head")
+    lines = []
+    for line in block.splitlines():
+        command = line.split("  #")[0].rstrip()          # the README's end-of-line comments
+        if command.startswith("ray start --head"):
+            lines.append(f"export RAY_API_SERVER_ADDRESS={dashboard}   # the test's head")
+        elif command.startswith("specllava submit"):
+            lines.append(f"JOB=$({command} | tail -n 1); echo submitted $JOB")
+        elif "--follow" in command:
+            lines.append("interrupt_after_logged_commit " + command.replace("raysubmit_XXXX", "$JOB"))
+        elif command.startswith("specllava resume") and "--submit" in command:
+            lines.append(f"JOB2=$({command} | tail -n 1); echo resumed as $JOB2")
+        else:
+            lines.append(command.replace("raysubmit_XXXX", "$JOB"))
+    lines.append("specllava logs $JOB2 --follow > resumed-job.log 2>&1   # the test: wait for the resumed job")
+    lines.append("specllava query s3://tour/captions2 \"SELECT status, count(*) AS n, count(DISTINCT id) AS ids "
+                 "FROM captions GROUP BY status\" $S3 --format json")
+    return "\n".join(lines) + "\n"
 
 
 def tour_script(port: int, work: Path) -> str:
@@ -58,6 +87,18 @@ interrupt_after_first_commit() {{
   local rc=0; wait $pid || rc=$?
   echo "interrupted caption exited $rc"
 }}
+# The Ctrl-C on `logs --follow`: SIGINT once a progress line shows a committed row.
+interrupt_after_logged_commit() {{
+  set -m
+  "$@" > follow.log 2>&1 &
+  local pid=$!
+  set +m
+  until grep -qE "progress: [1-9][0-9]*/" follow.log; do
+    kill -0 $pid 2>/dev/null || {{ echo "logs --follow ended before a commit"; cat follow.log; exit 1; }}
+    sleep 0.5
+  done
+  kill -INT $pid; wait $pid || true
+}}
 # moto answers only once it listens: wait for it after the line that starts it
 wait_for_moto() {{ for _ in $(seq 100); do python -c "import socket; socket.create_connection(('127.0.0.1', {port}), 0.2)" 2>/dev/null && return; sleep 0.2; done; exit 1; }}
 """
@@ -66,14 +107,21 @@ wait_for_moto() {{ for _ in $(seq 100); do python -c "import socket; socket.crea
     return preamble + script + "\n"
 
 
-def test_the_readme_tour_runs_as_written(tmp_path):
+def test_the_readme_tour_and_ray_jobs_run_as_written(tmp_path):
+    from tests.ray_head import ray_head
+
     port = free_ports(1)[0]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_API_SERVER"))}
     env["SPECLLAVA_DRILL_BATCH_DELAY"] = "0.6"   # a batch of 8 rows per 0.6 s: 4 units of 50 over ~15 s
-    script = tour_script(port, tmp_path)
-    (tmp_path / "tour.sh").write_text(script)
-    proc = subprocess.run(["bash", str(tmp_path / "tour.sh")], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    # The head's jobs: the tour's fake credentials (the tour exports them in its shell), a slower pace
+    # (the jobs' progress lines come every 10 s: the stop must land before the job's end).
+    head_env = dict(env, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1",
+                    SPECLLAVA_DRILL_BATCH_DELAY="1.5")
+    with ray_head(tmp_path, num_cpus=4, env=head_env) as head:
+        script = tour_script(port, tmp_path) + jobs_script(head.dashboard_address)
+        (tmp_path / "tour.sh").write_text(script)
+        proc = subprocess.run(["bash", str(tmp_path / "tour.sh")], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, timeout=1200)
     out = proc.stdout + proc.stderr
     caption_log = (tmp_path / "caption.log").read_text() if (tmp_path / "caption.log").exists() else ""
     assert proc.returncode == 0, out[-4000:] + "\n--- caption.log ---\n" + caption_log[-3000:]
@@ -85,3 +133,8 @@ def test_the_readme_tour_runs_as_written(tmp_path):
     assert re.search(r"ok\s+200", out), out[-3000:]
     assert "mean_accepted" in out
     assert (tmp_path / "accepted.png").stat().st_size > 1000
+    # The jobs: the first was stopped mid-run (its logs showed a commit), the resumed job finished
+    # the table: 200 ok rows, 200 distinct ids.
+    assert re.search(r"submitted raysubmit_\w+", out) and re.search(r"resumed as raysubmit_\w+", out), out[-3000:]
+    assert "progress: " in (tmp_path / "follow.log").read_text()
+    assert re.search(r'"status": "ok",\s*"n": 200,\s*"ids": 200', out), out[-3000:]
