@@ -123,6 +123,9 @@ def load_pair(args):
             raise UserError(f"--{role} {getattr(args, role)} is not a model directory; pass --{role} DIR "
                             "or use --quick for a tiny random pair")
     target = load_model(args.target, args.dtype, args.device)
+    if target.config.model_type != "llava":
+        raise UserError(f"--target {args.target} is a {type(target).__name__}: bench decodes llava-1.5-kind targets "
+                        "(LlavaForConditionalGeneration) so far; caption and the library take NeXT and OneVision")
     draft = load_model(args.draft, args.dtype, args.device)
     return target, draft, AutoProcessor.from_pretrained(args.target)
 
