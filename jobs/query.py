@@ -181,7 +181,8 @@ SELECT count(*) AS rows,
        CAST(median(length(caption)) FILTER (WHERE status = 'ok') AS DOUBLE) AS caption_chars_median,
        avg(new_tokens) FILTER (WHERE status = 'ok') AS new_tokens_mean,
        CAST(sum(new_tokens) FILTER (WHERE status = 'ok') AS BIGINT) AS new_tokens,
-       CAST(sum(target_forwards) FILTER (WHERE status = 'ok') AS BIGINT) AS target_forwards
+       CAST(sum(target_forwards) FILTER (WHERE status = 'ok') AS BIGINT) AS target_forwards,
+       count(*) FILTER (WHERE status = 'ok' AND draft_tokens = 0 AND target_forwards > 1) AS undrafted
 FROM captions
 """
 
@@ -245,6 +246,10 @@ def stats_command(args) -> int:
     print(f"caption length  mean {stats['caption_chars_mean']} chars, median {stats['caption_chars_median']}, "
           f"mean {stats['new_tokens_mean']} tokens")
     print(f"mean accepted   {stats['mean_accepted']} tokens per target forward (verify step)")
+    if stats["undrafted"]:   # the tree budget chose no drafting where these rows decoded: say so
+        print(f"drafting        {stats['undrafted']} of {stats['ok']} ok rows were decoded by the target alone "
+              "(no drafted token: the tree budget chose no drafting at their batch sizes, or one token was left; "
+              "`--tree-budget off` always drafts)")
     hist = stats["accepted_histogram"]
     if hist:
         print("accepted/step   " + "  ".join(f"{k}:{v}" for k, v in sorted(hist.items())))

@@ -21,13 +21,16 @@ ROWS = [  # id, caption, status, error, new_tokens, target_forwards, accepted_le
 ]
 
 
+DRAFTED = {"a": 4, "b": 0, "d": 2}   # draft_tokens: b's 4 verify steps drafted nothing
+
+
 def _output_table() -> pa.Table:
     schema = output_schema()
     cols = {name: [] for name in schema.names}
     for key, caption, status, error, new, fwd, acc in ROWS:
         row = dict(id=key, caption=caption, status=status, error=error, new_tokens=new, target_forwards=fwd,
                    mean_accepted=None if acc is None else sum(acc) / len(acc), accepted_lengths=acc,
-                   draft_tokens=None, tree_nodes_mean=None, decode_s=None)
+                   draft_tokens=DRAFTED.get(key), tree_nodes_mean=None, decode_s=None)
         for name in schema.names:
             cols[name].append(row[name])
     return pa.Table.from_pydict(cols, schema=schema)
@@ -151,6 +154,8 @@ def test_stats_numbers_and_plot(output, tmp_path, capsys):
     assert main(["stats", output]) == 0
     text = capsys.readouterr().out
     assert "4 of 4 input rows (complete): 3 ok, 1 error" in text and "mean accepted   1.8889" in text
+    assert stats["undrafted"] == 1
+    assert "drafting        1 of 3 ok rows were decoded by the target alone" in text
 
 
 # --- --config FILE.yaml ------------------------------------------------------------------------
