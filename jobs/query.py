@@ -217,7 +217,9 @@ def compute_stats(output: str, s3_endpoint: str | None = None) -> dict:
     stats.update(input_rows=manifest.get("input", {}).get("rows"), status=manifest.get("status"),
                  runs=len(manifest.get("runs", [])),
                  tokens_per_s=round(sum(r.get("new_tokens") or 0 for r in runs) / wall, 2) if wall else None,
-                 images_per_s=round(sum(r.get("rows") or 0 for r in runs) / wall, 3) if wall else None)
+                 images_per_s=round(sum(r.get("rows") or 0 for r in runs) / wall, 3) if wall else None,
+                 tree_budget=[{"run": n, **report} for n, run in enumerate(manifest.get("runs", []), start=1)
+                              for report in run.get("tree_budget") or []])
     return stats
 
 
@@ -255,6 +257,8 @@ def stats_command(args) -> int:
         print("accepted/step   " + "  ".join(f"{k}:{v}" for k, v in sorted(hist.items())))
     print(f"throughput      {stats['tokens_per_s']} tokens/s, {stats['images_per_s']} images/s "
           "(rows decoded / wall time of the runs)")
+    for report in stats["tree_budget"]:
+        print(f"tree budget     run {report['run']}, actor {report['actor']} ({report['device']}): {report['budget']}")
     for err in stats["top_errors"]:
         print(f"error x{err['rows']:<6} {err['error']}")
     if args.plot:

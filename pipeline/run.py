@@ -29,7 +29,7 @@ from pipeline.cluster import Cluster, caption_request, check_fits, gpu_capacity,
 from pipeline.commit import RunCounters, UnitWriter, committed_units, foreign_files, remove_temporaries, unit_footers
 from pipeline.config import CaptionConfig, PipelineError
 from pipeline.idcheck import check_ids
-from pipeline.layout import DATA_DIR, LEGACY_CHECKPOINT_DIR
+from pipeline.layout import BUDGET_DIR, DATA_DIR, LEGACY_CHECKPOINT_DIR
 from pipeline.lease import Lease, new_run_id
 from pipeline.plan import InputPlan, build_plan, check_input_unchanged, load_plan, save_plan
 from pipeline.progress import RunProgress
@@ -171,7 +171,7 @@ def resolve_resources(config: CaptionConfig, cluster: Cluster | None = None) -> 
     return decide_resources(config, gpu_capacity(cluster))
 
 
-def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
+def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict], budget_report: str | None = None):
     """The lazy Ray Data graph over `specs`, yielding output rows with their ROW_COLUMN."""
     import ray.data
 
@@ -229,7 +229,34 @@ def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict]):
             top_k=config.top_k, tree=dict(config.tree), s3_endpoint=config.s3_endpoint, dtype=config.dtype,
             device="cuda" if config.gpus_per_actor > 0 else "cpu", torch_threads=threads,
             seed=config.seed, batch_size=config.batch_size, tree_budget=config.tree_budget,
-            compile=config.compile, kv_memory_gb=config.kv_memory_gb))
+            compile=config.compile, kv_memory_gb=config.kv_memory_gb, budget_report=budget_report))
+
+
+def budget_report_uri(config: CaptionConfig, run_id: str) -> str | None:
+    """Where this run's caption actors report their measured tree budget (OUTPUT/_budget/RUN)."""
+    if config.dry_run or config.tree_budget != "auto":
+        return None
+    return f"{config.output.rstrip('/')}/{BUDGET_DIR}/{run_id}"
+
+
+def read_budget_reports(out_fs, root: str, run_id: str) -> list[dict]:
+    """The actors' reports of run `run_id`: [{actor, device, budget}] ([] when none or unreadable)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    folder = posixpath.join(root, BUDGET_DIR, run_id)
+    try:
+        infos = out_fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        reports = []
+        for info in sorted(infos, key=lambda i: i.path):
+            if info.base_name.endswith(".json") and not info.base_name.startswith("."):
+                with out_fs.open_input_stream(info.path) as stream:
+                    record = json.loads(stream.read())
+                reports.append({k: record.get(k) for k in ("actor", "device", "budget")})
+        return reports
+    except (OSError, ValueError):
+        return []
 
 
 def execute(ds, writer: UnitWriter) -> None:
@@ -418,7 +445,8 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         with RunProgress(plan.num_rows, before, log=log, why=start_watch.why, **progress) as bar:
             bar.watch(writer.counters)
             if specs:
-                ds = build_dataset(config, plan, specs)
+                report = budget_report_uri(config, lease.run_id)
+                ds = build_dataset(config, plan, specs, report)
                 if config.dry_run:
                     execute(ds, writer)
                 else:
@@ -426,6 +454,9 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
                         execute(ds, writer)
         wall = time.perf_counter() - start
         this_run = _run_stats(writer.counters, wall)
+        budgets = read_budget_reports(out_fs, root, lease.run_id)
+        if budgets:
+            run["tree_budget"] = budgets
         # The check below reads the store too: a failure there (e.g. the store away for longer
         # than the retries) is recorded like a failed execution, never left as "running".
         units = committed_units(out_fs, data_path)
@@ -441,6 +472,8 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         _record_failure(config, manifest, run, exc, log)
         raise
     log(f"{label}: {summary_line(this_run, wall, config.dry_run)}")
+    for report in run.get("tree_budget", []):
+        log(f"{label}: tree budget of actor {report['actor']} ({report['device']}): {report['budget']}")
     log(f"{label}: table {totals['output_rows']}/{plan.num_rows} ids "
         f"({totals['ok']} ok, {totals['error']} error) -> {config.output} [{run['status']}]")
     return {"status": run["status"], "run": this_run, "counts": totals}

@@ -24,7 +24,7 @@ from decoding.loading import load_model, parse_dtype  # safetensors only; refuse
 from workers import storage
 from workers.batcher import ContinuousBatcher, RowRequest
 from workers.drill import Drill
-from workers.schema import OUTPUT_FIELDS, STATUS_OK, carry_row_index, output_schema
+from workers.schema import OUTPUT_FIELDS, STATUS_OK, carry_row_index, one_line, output_schema
 
 
 def upload_pixels(flat, ok: list[int], shape: tuple[int, ...], device: torch.device,
@@ -87,7 +87,7 @@ class CaptionWorker:
                  tree: dict | None = None, s3_endpoint: str | None = None, device: str = "auto",
                  dtype: str = "auto", torch_threads: int | None = None, seed: int | None = None,
                  batch_size: int = 8, tree_budget: str = "off", kv_memory_gb: float | None = None,
-                 max_prompt_tokens: int | None = None, compile: str = "off"):
+                 max_prompt_tokens: int | None = None, compile: str = "off", budget_report: str | None = None):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -123,6 +123,10 @@ class CaptionWorker:
         self.batch_size = batch_size
         self.budget_pending = tree_budget == "auto"
         self.budget = None   # the measured table (a dict) once tree_budget="auto" has run
+        # Where the measured table is reported (a dir or s3:// prefix; the driver reads it into
+        # _run.json and `stats` shows it): OUTPUT/_budget/RUN. None: only the start-up log line.
+        self.budget_report = budget_report
+        self.s3_endpoint = s3_endpoint
         self.drill = Drill()
         self._drill_lock = None
         self.rows_decoded = 0  # ok rows this actor decoded (read by tests and benchmarks)
@@ -205,8 +209,29 @@ class CaptionWorker:
         self.batcher.engine.tree_for = table.lookup
         self.budget = table.to_dict()
         print(f"caption actor: tree budget {describe_budget(table)}", flush=True)
+        self._report_budget(describe_budget(table))
         self._report_compiles("budget calibration")
         self._compiles_reported = True
+
+    def _report_budget(self, line: str) -> None:
+        """Write this actor's measured table to `budget_report` (best effort: a report that cannot
+        be written is said in the actor's log, never a reason to stop decoding)."""
+        if not self.budget_report:
+            return
+        import json
+        import os
+        import socket
+
+        record = {"actor": f"{socket.gethostname()}:{os.getpid()}", "device": str(self.device),
+                  "budget": line, "table": self.budget}
+        try:
+            fs, root = storage.resolve(self.budget_report, self.s3_endpoint)
+            fs.create_dir(root, recursive=True)
+            path = f"{root}/{socket.gethostname()}-{os.getpid()}.json"
+            storage.write_atomic(fs, path, lambda target: _write_text(fs, target, json.dumps(record)))
+        except (OSError, ValueError) as exc:
+            print(f"caption actor: could not report the tree budget to {storage.redact(self.budget_report)}: "
+                  f"{one_line(exc, 200)}", flush=True)
 
     def _report_compiles(self, during: str) -> None:
         """The start-up log's line on compiled step graphs (--compile on): how many, how long."""
@@ -279,6 +304,11 @@ class CaptionWorker:
         if channels * side * side != width:
             raise ValueError(f"pixel_values rows of {width} floats are not {channels} square channels")
         return channels, side, side
+
+
+def _write_text(fs, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
 
 
 def describe_budget(table) -> str:

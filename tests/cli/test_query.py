@@ -48,7 +48,9 @@ def output(tmp_path):
     pq.write_table(table.slice(0, 1), tmp_path / "data" / "orphan.parquet")
     pq.write_table(pa.table({"id": ["zzz"]}), tmp_path / "_plan.parquet")
     manifest = {"status": "finished", "input": {"rows": 4, "commit_rows": 2},
-                "runs": [{"rows": 4, "new_tokens": 20, "wall_s": 2.0}, {"status": "failed"}]}
+                "runs": [{"rows": 4, "new_tokens": 20, "wall_s": 2.0,
+                          "tree_budget": [{"actor": "h:1", "device": "cpu", "budget": "batch>=1: 8 nodes/depth 4"}]},
+                         {"status": "failed"}]}
     (tmp_path / "_run.json").write_text(json.dumps(manifest))
     return str(tmp_path)
 
@@ -155,6 +157,7 @@ def test_stats_numbers_and_plot(output, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "4 of 4 input rows (complete): 3 ok, 1 error" in text and "mean accepted   1.8889" in text
     assert stats["undrafted"] == 1
+    assert "tree budget     run 1, actor h:1 (cpu): batch>=1: 8 nodes/depth 4" in text
     assert "drafting        1 of 3 ok rows were decoded by the target alone" in text
 
 

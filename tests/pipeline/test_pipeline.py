@@ -104,6 +104,10 @@ def test_end_to_end_exactly_once_and_greedy_exact(s3, ray_address, tiny_pair, e2
         == [50, 50, 50, 50, len(images) - 200]
     assert manifest["runs"][-1]["rows"] == len(images)
     assert len(manifest["models"]["target"]["sha256"]) == 64
+    # --tree-budget auto (the default): each caption actor's measured table, reported from the actor
+    # through S3, is in the run's record, readably.
+    budgets = manifest["runs"][-1]["tree_budget"]
+    assert budgets and all(b["budget"].startswith("batch>=1: ") and ":" in b["actor"] for b in budgets), budgets
     assert "testing" not in text  # the fake AWS key/secret never reach the manifest
 
 

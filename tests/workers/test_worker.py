@@ -115,14 +115,15 @@ def test_models_from_s3_prefix(s3, tiny_pair, tmp_path, monkeypatch):
     assert sorted(len(w) > 0 for w in weights) == [False, True, True]
 
 
-def test_tree_budget_auto_measures_a_table_and_keeps_captions_exact(preprocessor, tiny_pair):
+def test_tree_budget_auto_measures_a_table_and_keeps_captions_exact(preprocessor, tiny_pair, tmp_path):
     """--tree-budget auto: the actor measures a tree (or none) per active batch size on its first
     rows; several batches in flight through the async entry point; captions stay the target's."""
     import asyncio
 
     from workers.caption import CaptionWorker
 
-    worker = CaptionWorker(*tiny_pair, max_new_tokens=MAX_NEW, torch_threads=1, batch_size=3, tree_budget="auto")
+    worker = CaptionWorker(*tiny_pair, max_new_tokens=MAX_NEW, torch_threads=1, batch_size=3, tree_budget="auto",
+                           budget_report=str(tmp_path / "_budget" / "run-x"))
     images = {f"q{i}": png_bytes(40 + i) for i in range(7)}
     prompts = {"q2": "w5 w6 w7 w8 w9 w10 w11", "q5": "w3"}
     groups = [["q0", "q1", "q2"], ["q3", "q4"], ["q5", "q6"]]
@@ -137,6 +138,16 @@ def test_tree_budget_auto_measures_a_table_and_keeps_captions_exact(preprocessor
     outs = asyncio.run(main())
     assert [o.column("id").to_pylist() for o in outs] == groups          # each batch whole, in input order
     assert [e["batch_size"] for e in worker.budget["by_batch_size"]] == [1, 3]
+    import json
+
+    from pipeline.run import read_budget_reports   # the driver's side of the report
+    from pipeline.layout import BUDGET_DIR
+
+    (report,) = [json.loads(p.read_text()) for p in (tmp_path / BUDGET_DIR / "run-x").glob("*.json")]
+    assert report["table"] == worker.budget and report["budget"].startswith("batch>=1: ")
+    import pyarrow.fs as pafs
+    assert read_budget_reports(pafs.LocalFileSystem(), str(tmp_path), "run-x") == [
+        {"actor": report["actor"], "device": "cpu", "budget": report["budget"]}]
     ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images, prompts), MAX_NEW)
     for out in outs:
         for row in out.to_pylist():
