@@ -88,6 +88,7 @@ class RunCounters:
     target_forwards: int = 0
     units: int = 0
     duplicates_dropped: int = 0
+    received: int = 0       # rows decoded and handed to the writer, committed or not yet (progress lines)
 
 
 @dataclass
@@ -144,6 +145,7 @@ class UnitWriter:
             if not fresh.any():
                 continue
             pending.seen[local[fresh]] = True
+            self.counters.received += int(fresh.sum())
             pending.parts.append(table.take(pa.array(idx[first[fresh]])))
             pending.count += int(fresh.sum())
             if pending.count == len(pending.seen):

@@ -59,16 +59,21 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(done: int, total: int | None, rate: float | None, *, ok: int | None = None,
-                  error: int | None = None, mean_accepted: float | None = None, stalled: str | None = None) -> str:
+                  error: int | None = None, mean_accepted: float | None = None, stalled: str | None = None,
+                  uncommitted: int = 0) -> str:
+    """uncommitted: rows decoded this run whose unit is not complete yet (counted in the rate and
+    the ETA, shown so that a long first unit does not look like a run doing nothing)."""
     text = f"progress: {done:,}"
     if total:
         text += f"/{total:,} rows committed ({100.0 * done / total:.1f}%)"
     else:
         text += " rows committed"
+    if uncommitted:
+        text += f", {uncommitted:,} more decoded (in units not yet complete)"
     if rate:
         text += f", {rate:.1f} rows/s this run"
-        if total and done < total:
-            text += f", ETA {_duration((total - done) / rate)}"
+        if total and done + uncommitted < total:
+            text += f", ETA {_duration((total - done - uncommitted) / rate)}"
     if ok is not None and error is not None:
         text += f", this run {ok:,} ok / {error:,} error"
     if mean_accepted is not None:
@@ -137,8 +142,10 @@ class RunProgress:
             stalled = f"nothing committed for {_duration(now - last_change)}"
             hint = self.why()
             stalled += f" ({hint})" if hint else ""
+        decoded = max(c.received, rows) if c is not None else 0      # committed + in units not complete yet
         return dict(done=self.before + rows, rows=rows, ok=c.ok if c else 0, error=(c.rows - c.ok) if c else 0,
-                    tau=tau, rate=rows / (now - start) if rows else None, stalled=stalled)
+                    tau=tau, rate=decoded / (now - start) if decoded else None, stalled=stalled,
+                    uncommitted=decoded - rows)
 
     def _loop(self) -> None:
         start = last_change = time.monotonic()
@@ -165,7 +172,8 @@ class RunProgress:
                     bar.refresh()
                 else:
                     self.log(progress_line(state["done"], self.total, state["rate"], ok=state["ok"],
-                                           error=state["error"], mean_accepted=state["tau"], stalled=state["stalled"]))
+                                           error=state["error"], mean_accepted=state["tau"], stalled=state["stalled"],
+                                           uncommitted=state["uncommitted"]))
         finally:
             if bar is not None:
                 bar.n = self._state(start, last_change, time.monotonic())["done"]

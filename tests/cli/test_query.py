@@ -247,6 +247,9 @@ def test_committed_rows_count_only_committed_units(output):
     assert counter.count() == 2  # the temporary and the foreign file are never counted
     assert progress_line(3, 4, 0.5) == "progress: 3/4 rows committed (75.0%), 0.5 rows/s this run, ETA 0m02s"
     assert progress_line(7, None, None) == "progress: 7 rows committed"
+    # before a unit completes: the rows decoded so far, in the rate and the ETA
+    assert progress_line(0, 200, 4.0, uncommitted=40) == ("progress: 0/200 rows committed (0.0%), 40 more decoded "
+                                                          "(in units not yet complete), 4.0 rows/s this run, ETA 0m40s")
 
 
 def test_run_progress_lines_and_stall_hint():
@@ -265,9 +268,14 @@ def test_run_progress_lines_and_stall_hint():
     with RunProgress(total=100, before=40, every_s=0.05, stall_s=0.3, log=lines.append) as progress:
         progress.watch(counters)
         time.sleep(0.15)
+        counters.received = 6                      # decoded, its unit not complete yet
+        time.sleep(0.15)
         counters.rows, counters.ok, counters.new_tokens, counters.target_forwards = 10, 8, 8 + 24, 8 + 8
+        counters.received = 13
         time.sleep(0.6)
     assert lines[0].startswith("progress: 40/100 rows committed (40.0%)")
     later = [line for line in lines if line.startswith("progress: 50/100")]
     assert later and "this run 8 ok / 2 error" in later[0] and "mean accepted 3.00" in later[0]
+    assert any("40/100 rows committed (40.0%), 6 more decoded" in line and "rows/s this run" in line for line in lines)
+    assert "3 more decoded" in later[0]
     assert "nothing committed for" in lines[-1]          # no commit for longer than stall_s
