@@ -317,8 +317,10 @@ def check_compatible(previous: dict | None, config: CaptionConfig, models: dict)
 def _record_failure(config: CaptionConfig, manifest: dict, run: dict, exc: BaseException, log) -> None:
     from workers.schema import one_line
 
-    run.update(finished=mf.now(), status="failed", error=one_line(exc, 1000))
-    manifest.update(status="failed")
+    # Ctrl-C is the user's choice, not a failure: "interrupted" (the output stays resumable either way)
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    run.update(finished=mf.now(), status=status, error=one_line(exc, 1000))
+    manifest.update(status=status)
     try:
         mf.write_manifest(config.output, manifest, config.s3_endpoint)
     except OSError as write_exc:  # the store itself is failing; the caller still gets `exc`
@@ -469,6 +471,8 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         manifest.update(status=run["status"], counts=totals, finished=run["finished"])
         mf.write_manifest(config.output, manifest, config.s3_endpoint)
     except BaseException as exc:  # record why in _run.json, then let the caller see the error
+        if writer is not None and "wall_s" not in run:   # what the run did before it stopped (stats counts it)
+            run.update(_run_stats(writer.counters, time.perf_counter() - start))
         _record_failure(config, manifest, run, exc, log)
         raise
     log(f"{label}: {summary_line(this_run, wall, config.dry_run)}")

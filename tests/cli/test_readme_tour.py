@@ -102,6 +102,10 @@ interrupt_after_logged_commit() {{
 # moto answers only once it listens: wait for it after the line that starts it
 wait_for_moto() {{ for _ in $(seq 100); do python -c "import socket; socket.create_connection(('127.0.0.1', {port}), 0.2)" 2>/dev/null && return; sleep 0.2; done; exit 1; }}
 """
+    # The test's own check after the tour: the interrupted run is in _run.json with its wall time and rows.
+    lines.append(f"python -c \"import json, pyarrow.fs as f; fs = f.S3FileSystem(endpoint_override='http://127.0.0.1:{port}', "
+                 "scheme='http'); print('runs:', json.dumps([{k: r.get(k) for k in ('status', 'rows', 'wall_s')} "
+                 "for r in json.load(fs.open_input_stream('tour/captions/_run.json'))['runs']]))\"")
     script = "\n".join(lines)
     script = re.sub(r"(moto_server [^\n]*&)", r"\1\nwait_for_moto", script, count=1)
     return preamble + script + "\n"
@@ -132,6 +136,11 @@ def test_the_readme_tour_and_ray_jobs_run_as_written(tmp_path):
     # The resume finished the table: 200 ok rows, each id once (the query's own output).
     assert re.search(r"ok\s+200", out), out[-3000:]
     assert "mean_accepted" in out
+    # The interrupted run is recorded with what it did (stats counts its wall time), then the resume.
+    import json
+    runs = json.loads(re.search(r"^runs: (.*)$", out, re.M).group(1))
+    assert [r["status"] for r in runs] == ["interrupted", "finished"], runs
+    assert runs[0]["wall_s"] > 0 and runs[0]["rows"] >= 50 and runs[0]["rows"] + runs[1]["rows"] >= 200, runs
     assert (tmp_path / "accepted.png").stat().st_size > 1000
     # The jobs: the first was stopped mid-run (its logs showed a commit), the resumed job finished
     # the table: 200 ok rows, 200 distinct ids.
