@@ -207,7 +207,7 @@ class SpeculativeEngine:
         max_new_tokens=1); the others are active from the next `step()` on.
         """
         opts, dec = self.options, self.decoder
-        validate_inputs(dec.target, input_ids, attention_mask, pixel_values, image_sizes)
+        image_tokens = validate_inputs(dec.target, input_ids, attention_mask, pixel_values, image_sizes)   # [B]
         B = input_ids.shape[0]
         keys = list(range(B)) if keys is None else list(keys)
         if len(keys) != B:
@@ -235,9 +235,8 @@ class SpeculativeEngine:
             target_mm = project_image_features(dec.target, hidden)
             draft_mm = project_image_features(dec.draft, hidden)
         elif pixel_values is not None:     # the family's own encoding (any-resolution: checked per row)
-            image_tokens = ((input_ids == dec.image_token_id) & attention_mask.bool()).sum(-1).tolist()
             target_mm = adapter(dec.target).encode_images(dec.target, pixel_values.to(self.device), image_sizes,
-                                                          image_tokens)
+                                                          image_tokens.tolist())
         tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm,
                               image_sizes=image_sizes)
         drf, _ = prefill(dec.draft, d_ids, d_mask, None if dec.text_draft else pixel_values, draft_mm,

@@ -29,10 +29,10 @@ SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 class Family:
     """A multimodal LLaVA family (subclasses say what differs). Methods take a model or config."""
 
-    name = ""
     model_types: tuple[str, ...] = ()
     class_name = ""
     multimodal = True
+    anyres = False          # images become tiles of the image's size (pixel_values [N, tiles, C, H, W] + image_sizes)
     # config fields a same-family draft must share with the target (image token counts depend on them)
     vision_fields: tuple[str, ...] = ("vision_feature_select_strategy",)
 
@@ -46,7 +46,8 @@ class Family:
     def image_token_id(self, config) -> int | None:
         return config.image_token_id
 
-    def model_class(self):
+    def model_class(self, config):
+        """The transformers class that loads a checkpoint of this config (no Auto* guessing)."""
         import transformers
 
         return getattr(transformers, self.class_name)
@@ -84,10 +85,8 @@ class Family:
 
 
 class LlavaFamily(Family):
-    name = "llava"
     model_types = ("llava",)
     class_name = "LlavaForConditionalGeneration"
-    vision_fields = ("vision_feature_select_strategy",)
 
     def tokens_per_image(self, config) -> int:
         vision = config.vision_config
@@ -119,8 +118,8 @@ class LlavaFamily(Family):
 
 
 class LlavaNextFamily(Family):
-    name = "llava_next"
     model_types = ("llava_next",)
+    anyres = True
     class_name = "LlavaNextForConditionalGeneration"
     vision_fields = ("vision_feature_select_strategy", "image_grid_pinpoints")
 
@@ -173,14 +172,12 @@ class LlavaNextFamily(Family):
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
-    name = "llava_onevision"
     model_types = ("llava_onevision",)
     class_name = "LlavaOnevisionForConditionalGeneration"
     vision_fields = ("vision_feature_select_strategy", "image_grid_pinpoints", "vision_aspect_ratio")
 
 
 class TextFamily(Family):
-    name = "text"
     model_types = SUPPORTED_TEXT_MODELS
     multimodal = False
     vision_fields = ()
@@ -195,15 +192,10 @@ class TextFamily(Family):
     def image_token_id(self, config) -> int | None:
         return None
 
-    def model_class_for(self, model_type: str):
+    def model_class(self, config):
         import transformers
 
-        return getattr(transformers, self.CLASS_NAMES[model_type])
-
-    def check_config(self, config, role: str) -> None:
-        if config.model_type not in SUPPORTED_TEXT_MODELS:
-            raise ModelPairError(f"{role} text model {config.model_type!r} is not supported; supported: "
-                                 f"{', '.join(SUPPORTED_TEXT_MODELS)}")
+        return getattr(transformers, self.CLASS_NAMES[config.model_type])
 
 
 FAMILIES = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), TextFamily())
@@ -222,8 +214,7 @@ def adapter(model_or_config) -> Family:
 
 def model_class(config):
     """The transformers class that loads a checkpoint of this config (no Auto* guessing, no remote code)."""
-    family = adapter(config)
-    return family.model_class_for(config.model_type) if isinstance(family, TextFamily) else family.model_class()
+    return adapter(config).model_class(config)
 
 
 def text_prompt(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> tuple[Tensor, Tensor]:

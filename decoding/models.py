@@ -207,14 +207,8 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
     else:
         kwargs = adapter(model).vision_kwargs(pixel_values, image_sizes, model_dtype(model))
     cache = SlotCache(spare)
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
-    except ValueError as exc:   # transformers' own check that image tokens and features agree
-        if "image" in str(exc).lower() and pixel_values is not None:
-            raise InputError(f"the images do not fit the prompt: {exc} (was the prompt processed by the "
-                             "target's processor, with these images?)") from None
-        raise
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
     window, kinds = sliding_window(model)
     state = KVState(cache, positions.masked_fill(attention_mask == 0, HOLE), window=window, layer_kinds=kinds)
     return state, out.logits[:, -1, :]
@@ -286,8 +280,8 @@ def lean_is_exact(model) -> bool:
 
 
 def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-                    image_sizes: Tensor | None = None) -> None:
-    """Raise InputError for malformed generate() inputs."""
+                    image_sizes: Tensor | None = None) -> Tensor:
+    """Raise InputError for malformed generate() inputs; return each row's image tokens, [B]."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise InputError(f"input_ids must be a 2D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -308,5 +302,6 @@ def validate_inputs(target, input_ids: Tensor, attention_mask: Tensor, pixel_val
     if pixel_values is None:
         if bool((n_tokens > 0).any()):
             raise InputError("input_ids contain image tokens but pixel_values is None")
-        return
+        return n_tokens
     family.check_images(target.config, n_tokens, pixel_values, image_sizes)
+    return n_tokens

@@ -124,9 +124,8 @@ def text_model_of(llava, vocab_size: int | None = None):
     text.vocab_size = vocab
     model = model_class(text)(text)
     state = {f"model.{k}": v for k, v in llava.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = llava.lm_head.weight
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:vocab]
-    state["lm_head.weight"] = state["lm_head.weight"][:vocab]
+    state["lm_head.weight"] = llava.lm_head.weight[:vocab]
     model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     return _generation_ids(model, text).to(next(llava.parameters()).dtype).eval()
 

@@ -104,11 +104,7 @@ class Lease:
         data = json.dumps({**self.record, "heartbeat": time.time()}).encode()
         if isinstance(self.fs, pafs.LocalFileSystem):
             self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-
-        def write(target: str) -> None:
-            with self.fs.open_output_stream(target) as stream:
-                stream.write(data)
-        storage.write_atomic(self.fs, self.path, write)
+        storage.write_bytes_atomic(self.fs, self.path, data)
 
     # --- life cycle ----------------------------------------------------------------------------
     def acquire(self) -> "Lease":

@@ -88,9 +88,4 @@ def write_manifest(output: str, manifest: dict, s3_endpoint: str | None = None) 
     fs, root = storage.resolve(output, s3_endpoint)
     fs.create_dir(root, recursive=True)
     final = posixpath.join(root, MANIFEST_NAME)
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-
-    def write(target: str) -> None:
-        with fs.open_output_stream(target) as stream:
-            stream.write(data)
-    storage.write_atomic(fs, final, write)
+    storage.write_bytes_atomic(fs, final, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")

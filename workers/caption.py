@@ -228,7 +228,7 @@ class CaptionWorker:
             fs, root = storage.resolve(self.budget_report, self.s3_endpoint)
             fs.create_dir(root, recursive=True)
             path = f"{root}/{socket.gethostname()}-{os.getpid()}.json"
-            storage.write_atomic(fs, path, lambda target: _write_text(fs, target, json.dumps(record)))
+            storage.write_bytes_atomic(fs, path, json.dumps(record).encode())
         except (OSError, ValueError) as exc:
             print(f"caption actor: could not report the tree budget to {storage.redact(self.budget_report)}: "
                   f"{one_line(exc, 200)}", flush=True)
@@ -290,11 +290,11 @@ class CaptionWorker:
 
     def _pixel_shape(self, width: int) -> tuple[int, ...]:
         """[C, H, W] of a row's pixel_values, or [tiles, C, H, W] for an any-resolution target."""
-        from decoding.families import LlavaNextFamily, adapter
+        from decoding.families import adapter
 
         vision = self.target.config.vision_config
         channels = getattr(vision, "num_channels", 3)
-        if isinstance(adapter(self.target), LlavaNextFamily):
+        if adapter(self.target).anyres:
             side = vision.image_size
             tiles, rest = divmod(width, channels * side * side)
             if rest or not tiles:
@@ -304,11 +304,6 @@ class CaptionWorker:
         if channels * side * side != width:
             raise ValueError(f"pixel_values rows of {width} floats are not {channels} square channels")
         return channels, side, side
-
-
-def _write_text(fs, path: str, text: str) -> None:
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
 
 
 def describe_budget(table) -> str:

@@ -77,6 +77,14 @@ def write_atomic(fs: pafs.FileSystem, path: str, write) -> None:
     fs.move(tmp, path)
 
 
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """`data` as the whole file at `path`, atomically (write_atomic)."""
+    def write(target: str) -> None:
+        with fs.open_output_stream(target) as stream:
+            stream.write(data)
+    write_atomic(fs, path, write)
+
+
 def resolve(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or an s3://bucket/prefix URI."""
     if is_s3(uri):
