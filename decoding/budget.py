@@ -5,9 +5,9 @@ costs about what one token costs, at batch 128 on a CPU it costs ~25 times as mu
 is a table over active batch sizes, looked up at every step as rows finish or join
 (`SpeculativeEngine.tree_for`); an entry is a tree shape, or None: no drafting, a plain target step.
 
-1. Acceptance: one calibration decode with a large tree records, for every step, each
-   candidate's rank in the pruning order and depth, and the accepted path. With budget n and
-   depth bound d, pruning sees only candidates of depth <= d (the draft grows depth by depth, so
+1. Acceptance: one calibration decode with a large tree, stopping at EOS as captions do, records,
+   for every step, each candidate's rank in the pruning order and depth, and the accepted path.
+   With budget n and depth bound d, pruning sees only candidates of depth <= d (the draft grows depth by depth, so
    those are the same candidates) and keeps the n best of them, ancestors first; a path node is
    kept iff its rank among the candidates of depth <= d is < n. tau(n, d) = 1 + the accepted
    path's kept prefix, averaged over steps: for each calibration step, exactly what a tree
@@ -110,9 +110,17 @@ def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int
     return result
 
 
+MIN_TAU_STEPS = 8   # row-steps below which the calibration decodes past EOS too (rows that end at once)
+
+
 def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, max_new_tokens: int,
-                  max_nodes_grid, depth_grid, image_sizes=None) -> dict[tuple[int, int], float]:
-    """tau(n, d) for every grid point, from one greedy decode with the largest tree (module doc)."""
+                  max_nodes_grid, depth_grid, image_sizes=None, eos_token_id=None) -> dict[tuple[int, int], float]:
+    """tau(n, d) for every grid point, from one greedy decode with the largest tree (module doc).
+
+    The decode stops at `eos_token_id` (None: the target's generation config, as captions do):
+    past the end of a caption the pair agrees far less often than within it, and counting those
+    steps would make every tree look worse than it is. Only when the rows end before
+    MIN_TAU_STEPS row-steps does it decode again without EOS, to have something to count."""
     base = decoder.tree
     big = replace(base, max_depth=max(depth_grid), max_nodes=10 ** 6, threshold=base.threshold)
     steps: list[tuple[list[int], list[int], list[int], list[int]]] = []
@@ -130,8 +138,11 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
     decoder.step_observer = observe
     budget, decoder.budget = decoder.budget, None
     try:
-        decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=[],
-                         image_sizes=image_sizes)
+        decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_token_id, image_sizes=image_sizes)
+        if len(steps) < MIN_TAU_STEPS:
+            decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=[],
+                             image_sizes=image_sizes)
     finally:
         decoder.step_observer = None
         decoder.set_tree(base)
@@ -225,12 +236,13 @@ def choose(predicted: dict, noise: float):
 
 def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values,
                  batch_sizes=DEFAULT_BATCH_SIZES, max_new_tokens: int = 32, shapes=DEFAULT_SHAPES,
-                 steps: int = 3, image_sizes=None) -> BudgetTable:
+                 steps: int = 3, image_sizes=None, eos_token_id=None) -> BudgetTable:
     """Calibrate acceptance once and step costs per batch size on this device; return the table
-    (not applied: set `decoder.budget = table`). image_sizes: for any-resolution targets."""
+    (not applied: set `decoder.budget = table`). image_sizes: for any-resolution targets;
+    eos_token_id: where captions end (None: the target's generation config; see calibrate_tau)."""
     shapes = tuple(shapes)
     tau = calibrate_tau(decoder, input_ids, attention_mask, pixel_values, max_new_tokens,
-                        sorted({n for n, _ in shapes}), sorted({d for _, d in shapes}), image_sizes)
+                        sorted({n for n, _ in shapes}), sorted({d for _, d in shapes}), image_sizes, eos_token_id)
     entries = []
     for B in sorted(set(batch_sizes)):
         samples = step_samples(decoder, input_ids, attention_mask, pixel_values, B, shapes + (None,), steps,
@@ -249,3 +261,75 @@ def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class DriftMonitor:
+    """Watches the steps an engine runs under a budget table and says when they drift from it.
+
+    A table is measured once, on a few rows, at one moment: on a shared machine the moment may be
+    unrepresentative (another actor compiling, a neighbour's burst), and a few rows' acceptance
+    may not be the data's. So every step whose active rows equal a calibrated batch size is
+    compared with that entry: the median wall time of the last `window` such steps against the
+    calibrated time of the chosen shape, and (when it drafts) their mean accepted tokens per row
+    against the calibrated tau. Outside `tolerance` either way (relative), `observe` returns the
+    reason, and the caller re-measures the table (workers/caption.py drains its batch first). A
+    table whose own step times varied by more than `noise_limit` (half-range over median) is
+    measured again after its first window too: its choice rests on numbers it could not trust.
+    Each re-measure doubles the window, and `max_remeasures` bounds how often an actor pays for
+    one: a systematic difference (KV length, later tokens of long captions) cannot make it loop."""
+
+    def __init__(self, table: BudgetTable, window: int = 64, tolerance: float = 0.3, max_remeasures: int = 3,
+                 noise_limit: float = 0.5):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.tolerance = tolerance
+        self.noise_limit = noise_limit
+        self.remeasures_left = max_remeasures
+        self.reset(table)
+
+    def reset(self, table: BudgetTable) -> None:
+        """Watch a new table (after a re-measure): observations start again."""
+        self.table = table
+        self._entries = {e.batch_size: e for e in table.entries}
+        self._times: dict[int, list[float]] = {b: [] for b in self._entries}
+        self._accepted: dict[int, list[float]] = {b: [] for b in self._entries}
+
+    def observe(self, rows: int, seconds: float, accepted: list[int]) -> str | None:
+        """One engine step: its active rows, wall seconds, and the tokens each row that did not
+        finish in it gained (rows cut at EOS or the token limit are left out). Returns why the
+        table should be re-measured, once a window shows drift, else None."""
+        entry = self._entries.get(rows)
+        if entry is None or self.remeasures_left <= 0:
+            return None
+        self._times[rows].append(seconds)
+        if accepted:
+            self._accepted[rows].append(sum(accepted) / len(accepted))
+        if len(self._times[rows]) < self.window:
+            return None
+        reason = self._drift(entry, self._times[rows], self._accepted[rows])
+        self._times[rows], self._accepted[rows] = [], []
+        if reason is not None:
+            self.remeasures_left -= 1
+            self.window *= 2
+        return reason
+
+    def _drift(self, entry: BudgetEntry, times: list[float], accepted: list[float]) -> str | None:
+        shape = None if entry.tree is None else (entry.tree.max_nodes, entry.tree.max_depth)
+        label = "none" if shape is None else f"{shape[0]},{shape[1]}"
+        what = "no drafting" if shape is None else f"{shape[0]} nodes/depth {shape[1]}"
+        calibrated = entry.step_s.get(label)
+        observed = statistics.median(times)
+        reasons = []
+        if entry.noise > self.noise_limit:
+            reasons.append(f"its calibration's step times varied by ±{entry.noise:.0%}")
+        if calibrated and not (1 / (1 + self.tolerance) <= observed / calibrated <= 1 + self.tolerance):
+            reasons.append(f"steps take {observed * 1e3:.1f} ms, calibrated {calibrated * 1e3:.1f} ms")
+        tau = self.table.tau.get(shape) if shape is not None else None
+        if tau and accepted:
+            seen = statistics.mean(accepted)
+            if abs(seen - tau) > self.tolerance * tau:
+                reasons.append(f"{seen:.2f} tokens accepted per step, calibrated {tau:.2f}")
+        if not reasons:
+            return None
+        return f"at batch {entry.batch_size} ({what}) " + " and ".join(reasons) + f" over {len(times)} steps"

@@ -77,6 +77,7 @@ class StepResult:
     draft_s: float
     verify_s: float
     finished: list[FinishedRow] = field(default_factory=list)
+    running_accepted: list[int] = field(default_factory=list)   # `accepted` of the rows still running
 
 
 @dataclass
@@ -413,7 +414,7 @@ class SpeculativeEngine:
                  verify_s: float) -> StepResult:
         """The host's side of a step from its one read: rows' outputs and stats, finished rows out."""
         opts, rows = self.options, self._slots
-        accepted, finished = [], []
+        accepted, finished, running = [], [], []
         for b in occupied:
             n_acc, n_nodes, *step_tokens = host[b]
             row = rows[b]
@@ -428,8 +429,10 @@ class SpeculativeEngine:
             accepted.append(rs.accepted_lengths[-1])
             if kept is not None:
                 finished.append(b)
+            else:
+                running.append(rs.accepted_lengths[-1])
         result = StepResult(rows=len(occupied), accepted=accepted, nodes=sum(host[b][1] for b in occupied),
-                            draft_forwards=n_draft, draft_s=draft_s, verify_s=verify_s)
+                            draft_forwards=n_draft, draft_s=draft_s, verify_s=verify_s, running_accepted=running)
         if finished:
             result.finished = [_finished(rows[b]) for b in finished]
             self._release(finished)

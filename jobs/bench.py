@@ -315,10 +315,10 @@ def run(args) -> int:
     dynamic = SpeculativeDecoder(target, draft, TreeConfig(), compile=args.compile)
     budget, budget_s = None, 0.0
     if "dynamic_tree" in methods and not args.no_budget:
-        ids, mask, pixels = encode(processor, text, images[: min(4, len(images))], args.device, dtype)
+        ids, mask, pixels = encode(processor, text, images[: min(8, len(images))], args.device, dtype)
         t0 = time.perf_counter()
         budget = choose_table(dynamic, ids, mask, pixels, batch_sizes=batch_sizes,
-                              max_new_tokens=min(args.max_new_tokens, 32))
+                              max_new_tokens=min(args.max_new_tokens, 32), eos_token_id=eos)
         budget_s = time.perf_counter() - t0
         log(f"budget measured in {budget_s:.1f} s" + (" (compiling the step graphs of every candidate shape)"
                                                        if dynamic.graphs is not None and dynamic.graphs.mode else ""))

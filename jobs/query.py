@@ -257,8 +257,13 @@ def stats_command(args) -> int:
         print("accepted/step   " + "  ".join(f"{k}:{v}" for k, v in sorted(hist.items())))
     print(f"throughput      {stats['tokens_per_s']} tokens/s, {stats['images_per_s']} images/s "
           "(rows decoded / wall time of the runs)")
+    from pipeline.manifest import budget_lines
+
     for report in stats["tree_budget"]:
-        print(f"tree budget     run {report['run']}, actor {report['actor']} ({report['device']}): {report['budget']}")
+        first, *again = budget_lines([report])
+        print(f"tree budget     run {report['run']}, {first.removeprefix('tree budget of ')}")
+        for line in again:
+            print(f"                {line.strip()}")
     for err in stats["top_errors"]:
         print(f"error x{err['rows']:<6} {err['error']}")
     if args.plot:

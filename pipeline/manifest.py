@@ -89,3 +89,14 @@ def write_manifest(output: str, manifest: dict, s3_endpoint: str | None = None) 
     fs.create_dir(root, recursive=True)
     final = posixpath.join(root, MANIFEST_NAME)
     storage.write_bytes_atomic(fs, final, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def budget_lines(reports: list[dict]) -> list[str]:
+    """What the run's end and `stats` print of the actors' reports: the table each ended with, and
+    each re-measure (why, and what it chose)."""
+    lines = []
+    for report in reports:
+        lines.append(f"tree budget of actor {report['actor']} ({report['device']}): {report['budget']}")
+        for n, again in enumerate(report.get("remeasures") or [], start=1):
+            lines.append(f"  measured again ({n}) because {again['reason']}: {again['budget']}")
+    return lines

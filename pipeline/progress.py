@@ -162,19 +162,24 @@ class RunProgress:
                 if state["rows"] != seen:
                     seen, last_change = state["rows"], now
                 if bar is not None:
-                    bar.n = state["done"]
-                    post = {"ok": state["ok"], "error": state["error"]}
-                    if state["tau"] is not None:
-                        post["tau"] = f"{state['tau']:.2f}"
-                    bar.set_postfix(post, refresh=False)
-                    if state["stalled"]:
-                        bar.set_description_str(f"captions ({state['stalled']})", refresh=False)
-                    bar.refresh()
+                    _render(bar, state)
                 else:
                     self.log(progress_line(state["done"], self.total, state["rate"], ok=state["ok"],
                                            error=state["error"], mean_accepted=state["tau"], stalled=state["stalled"],
                                            uncommitted=state["uncommitted"]))
         finally:
-            if bar is not None:
-                bar.n = self._state(start, last_change, time.monotonic())["done"]
+            if bar is not None:   # the last commit's counts too, so the bar ends where the summary does
+                _render(bar, self._state(start, last_change, time.monotonic()))
                 bar.close()
+
+
+def _render(bar, state: dict) -> None:
+    """The terminal bar at `state`: rows done, this run's ok/error and mean accepted length."""
+    bar.n = state["done"]
+    post = {"ok": state["ok"], "error": state["error"]}
+    if state["tau"] is not None:
+        post["tau"] = f"{state['tau']:.2f}"
+    bar.set_postfix(post, refresh=False)
+    if state["stalled"]:
+        bar.set_description_str(f"captions ({state['stalled']})", refresh=False)
+    bar.refresh()

@@ -240,7 +240,8 @@ def budget_report_uri(config: CaptionConfig, run_id: str) -> str | None:
 
 
 def read_budget_reports(out_fs, root: str, run_id: str) -> list[dict]:
-    """The actors' reports of run `run_id`: [{actor, device, budget}] ([] when none or unreadable)."""
+    """The actors' reports of run `run_id`: [{actor, device, budget, remeasures}] ([] when none or
+    unreadable); budget: the table in use at the end, remeasures: [{reason, budget, seconds}]."""
     import json
 
     import pyarrow.fs as pafs
@@ -253,7 +254,8 @@ def read_budget_reports(out_fs, root: str, run_id: str) -> list[dict]:
             if info.base_name.endswith(".json") and not info.base_name.startswith("."):
                 with out_fs.open_input_stream(info.path) as stream:
                     record = json.loads(stream.read())
-                reports.append({k: record.get(k) for k in ("actor", "device", "budget")})
+                reports.append({**{k: record.get(k) for k in ("actor", "device", "budget")},
+                                "remeasures": record.get("remeasures") or []})
         return reports
     except (OSError, ValueError):
         return []
@@ -476,8 +478,8 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
         _record_failure(config, manifest, run, exc, log)
         raise
     log(f"{label}: {summary_line(this_run, wall, config.dry_run)}")
-    for report in run.get("tree_budget", []):
-        log(f"{label}: tree budget of actor {report['actor']} ({report['device']}): {report['budget']}")
+    for line in mf.budget_lines(run.get("tree_budget", [])):
+        log(f"{label}: {line}")
     log(f"{label}: table {totals['output_rows']}/{plan.num_rows} ids "
         f"({totals['ok']} ok, {totals['error']} error) -> {config.output} [{run['status']}]")
     return {"status": run["status"], "run": this_run, "counts": totals}

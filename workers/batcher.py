@@ -9,6 +9,11 @@ Ray Data hands the actor several input batches at once (`max_concurrent_batches`
         one engine step for every active row;
         finished rows go back to their batch; a batch's future resolves when its last row is done.
 
+A caller may ask for the engine to be drained (`request_drain`): admission stops, the running
+rows finish, and the given function runs on the decode thread with the engine empty (the
+actor re-measures its tree budget there, see workers/caption.py); then admission resumes.
+Nothing queued is lost; rows only wait.
+
 So the batch stays full as captions of different lengths finish, and an input batch is
 returned only when complete (exactly one output row per input row, as before). Joining costs
 one prefill of the joining rows while the others wait; `admit_min_free` bounds how often that
@@ -80,7 +85,8 @@ class ContinuousBatcher:
     """Runs `engine` (a decoding.SpeculativeEngine) on its own thread across submitted batches."""
 
     def __init__(self, engine, max_rows: int, pad_token_id: int = 0, admit_min_free: int | None = None,
-                 record_history: bool = False, torch_threads: int | None = None):
+                 record_history: bool = False, torch_threads: int | None = None, step_monitor=None):
+        """step_monitor(rows, seconds, result): called on the decode thread after every step."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.engine = engine
@@ -95,6 +101,9 @@ class ContinuousBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._torch_threads = torch_threads
+        self.step_monitor = step_monitor
+        self._drain_then = None              # run on the decode thread once the engine is empty
+        self._recent: deque[RowRequest] = deque(maxlen=8)   # the last admitted requests (for _drain_then)
         self._thread = threading.Thread(target=self._loop, name="caption-decode", daemon=True)
         self._thread.start()
 
@@ -112,6 +121,15 @@ class ContinuousBatcher:
             self._queue.extend(_Queued(ticket, i, row) for i, row in enumerate(rows))
             self._cond.notify()
         return future
+
+    def request_drain(self, then) -> None:
+        """Stop admitting, let the running rows finish, then call `then(samples)` on the decode thread
+        with the engine empty (samples: up to 8 queued or recently admitted RowRequests); admission
+        resumes after it. `then` should not raise: an exception fails the queued batches, as a model
+        error does."""
+        with self._cond:
+            self._drain_then = then
+            self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -131,6 +149,9 @@ class ContinuousBatcher:
                     self._fail_all(RuntimeError("the batcher was closed with rows in flight"))
                     return
             try:
+                if self._drain_then is not None and not self.engine.active:
+                    self._run_drained()
+                    continue
                 while True:  # again when rows finished at their first token and slots are still free
                     with self._cond:
                         admit = self._take_admissible()
@@ -144,11 +165,21 @@ class ContinuousBatcher:
                     self._fail_all(exc)
                 self.engine = self.engine.fresh()
 
+    def _run_drained(self) -> None:
+        """The drained engine's turn for `_drain_then`; the engine starts again empty afterwards, so
+        whatever ran there had the device's memory without this engine's pools."""
+        with self._cond:
+            then, self._drain_then = self._drain_then, None
+            samples = [q.request for q in itertools.islice(self._queue, 8)] or list(self._recent)
+        self.engine = self.engine.fresh()
+        then(samples)
+
     def _take_admissible(self) -> list[_Queued]:
         """The oldest queued rows the engine can hold now: within `max_rows` and, for an engine with
-        a KV plan, rows whose whole decode its pools guarantee (engine.can_admit)."""
+        a KV plan, rows whose whole decode its pools guarantee (engine.can_admit). None while a
+        drain is requested."""
         free = self.max_rows - self.engine.active
-        if not self._queue or free <= 0:
+        if not self._queue or free <= 0 or self._drain_then is not None:
             return []
         if self.engine.active and free < min(self.admit_min_free, len(self._queue)):
             return []
@@ -178,6 +209,7 @@ class ContinuousBatcher:
         for key, row in zip(keys, rows):
             row.admitted_at = t0
             self._running[key] = row
+            self._recent.append(row.request)
         input_ids, attention_mask = left_pad([r.request.input_ids for r in rows], self.pad_token_id)
         pixels = [r.request.pixel_values for r in rows if r.request.pixel_values is not None]
         pixel_values = torch.cat(pixels) if pixels else None
@@ -206,6 +238,8 @@ class ContinuousBatcher:
             self.stats.history.append(active)
             self.stats.step_log.append((active, elapsed))
         self._deliver(result.finished)
+        if self.step_monitor is not None:
+            self.step_monitor(active, elapsed, result)
 
     def _deliver(self, finished) -> None:
         now = time.perf_counter()

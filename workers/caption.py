@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -77,6 +78,10 @@ class CaptionWorker:
             whole decode fits (decoding/capacity.py): `batch_size` is then an upper bound.
         max_prompt_tokens: the longest prompt (image tokens included) the plan must hold; None: the
             target's image tokens + 128.
+        budget_window: with tree_budget="auto", the actor compares every `budget_window` steps at a
+            calibrated batch size with the table (decoding.budget.DriftMonitor) and, when their step
+            times or acceptance drifted beyond 30%, drains its batch and measures the table again
+            (at most 3 times, the window doubling each time); 0 switches the check off.
 
     Fault drills in tests (an event log, a delay after each batch) are switched on by environment
     variables, never by arguments: see workers/drill.py.
@@ -87,7 +92,8 @@ class CaptionWorker:
                  tree: dict | None = None, s3_endpoint: str | None = None, device: str = "auto",
                  dtype: str = "auto", torch_threads: int | None = None, seed: int | None = None,
                  batch_size: int = 8, tree_budget: str = "off", kv_memory_gb: float | None = None,
-                 max_prompt_tokens: int | None = None, compile: str = "off", budget_report: str | None = None):
+                 max_prompt_tokens: int | None = None, compile: str = "off", budget_report: str | None = None,
+                 budget_window: int = 64):
         from transformers import AutoProcessor
 
         from decoding import SpeculativeDecoder, TreeConfig
@@ -119,10 +125,13 @@ class CaptionWorker:
         # The batcher owns the engine (and replaces it with a fresh one after a model error).
         rows = batch_size if self.plan is None else self.plan.rows
         self.batcher = ContinuousBatcher(engine, max_rows=rows, pad_token_id=self.pad_token_id,
-                                         torch_threads=torch_threads)
+                                         torch_threads=torch_threads, step_monitor=self._watch)
         self.batch_size = batch_size
         self.budget_pending = tree_budget == "auto"
         self.budget = None   # the measured table (a dict) once tree_budget="auto" has run
+        self.budget_window = budget_window
+        self.monitor = None  # decoding.budget.DriftMonitor over the table, once measured
+        self.remeasures: list[dict] = []   # {"reason", "budget"} per re-measure, in order
         # Where the measured table is reported (a dir or s3:// prefix; the driver reads it into
         # _run.json and `stats` shows it): OUTPUT/_budget/RUN. None: only the start-up log line.
         self.budget_report = budget_report
@@ -189,12 +198,13 @@ class CaptionWorker:
         ok = [i for i in range(batch.num_rows) if status[i] == STATUS_OK]
         requests = self._requests(batch, ok)
         if self.budget_pending and requests:
-            self._calibrate(requests[:4])
+            self._calibrate(requests[:8])
         return self.batcher.submit(requests), ok, drill_ids
 
     def _calibrate(self, requests: list[RowRequest]) -> None:
-        """--tree-budget auto: measure the budget table on this device, once, before decoding."""
-        from decoding.budget import DEFAULT_BATCH_SIZES, choose_table
+        """--tree-budget auto: measure the budget table on this device, before decoding (and again
+        when the steps drift from it, see `_watch`), and use it."""
+        from decoding.budget import DEFAULT_BATCH_SIZES, DriftMonitor, choose_table
         from workers.batcher import left_pad
 
         self.budget_pending = False
@@ -202,16 +212,50 @@ class CaptionWorker:
         pixels = torch.cat([r.pixel_values for r in requests])
         image_sizes = torch.cat([r.image_sizes for r in requests]) if requests[0].image_sizes is not None else None
         sizes = sorted({b for b in DEFAULT_BATCH_SIZES if b < self.batch_size} | {self.batch_size})
+        options = self.batcher.engine.options
         table = choose_table(self.decoder, ids, mask, pixels, batch_sizes=sizes,
-                             max_new_tokens=min(32, self.batcher.engine.options.max_new_tokens),
-                             image_sizes=image_sizes)
+                             max_new_tokens=min(32, options.max_new_tokens), image_sizes=image_sizes,
+                             eos_token_id=options.eos)
+        first = self.budget is None
         self.decoder.budget = table
         self.batcher.engine.tree_for = table.lookup
         self.budget = table.to_dict()
+        if self.monitor is not None:
+            self.monitor.reset(table)
+        elif self.budget_window:
+            self.monitor = DriftMonitor(table, window=self.budget_window)
         print(f"caption actor: tree budget {describe_budget(table)}", flush=True)
-        self._report_budget(describe_budget(table))
-        self._report_compiles("budget calibration")
-        self._compiles_reported = True
+        if first:
+            self._report_budget(describe_budget(table))
+            self._report_compiles("budget calibration")
+            self._compiles_reported = True
+
+    def _watch(self, rows: int, seconds: float, result) -> None:
+        """The batcher's step monitor (decode thread): a step's time and acceptance against the table;
+        on drift, drain the batch and measure the table again (`_remeasure`)."""
+        if self.monitor is None:
+            return
+        reason = self.monitor.observe(rows, seconds, result.running_accepted)
+        if reason is not None:
+            print(f"caption actor: tree budget drifted {reason}: draining the batch to measure it again",
+                  flush=True)
+            self.batcher.request_drain(lambda samples: self._remeasure(samples, reason))
+
+    def _remeasure(self, samples: list[RowRequest], reason: str) -> None:
+        """Decode thread, engine empty: measure the table again on queued (or recent) rows. A failure
+        keeps the table in use and is said in the log; it never fails a batch."""
+        t0 = time.perf_counter()
+        try:
+            if not samples:
+                raise ValueError("no rows to measure on")
+            self._calibrate(samples[:8])
+        except Exception as exc:  # noqa: BLE001 - the old table still decodes losslessly
+            print(f"caption actor: could not measure the tree budget again ({one_line(exc, 200)}); keeping "
+                  f"{describe_budget(self.decoder.budget)}", flush=True)
+            return
+        line = describe_budget(self.decoder.budget)
+        self.remeasures.append({"reason": reason, "budget": line, "seconds": round(time.perf_counter() - t0, 2)})
+        self._report_budget(line)
 
     def _report_budget(self, line: str) -> None:
         """Write this actor's measured table to `budget_report` (best effort: a report that cannot
@@ -223,7 +267,7 @@ class CaptionWorker:
         import socket
 
         record = {"actor": f"{socket.gethostname()}:{os.getpid()}", "device": str(self.device),
-                  "budget": line, "table": self.budget}
+                  "budget": line, "table": self.budget, "remeasures": self.remeasures}
         try:
             fs, root = storage.resolve(self.budget_report, self.s3_endpoint)
             fs.create_dir(root, recursive=True)

@@ -281,6 +281,45 @@ def test_budget_table_lookup_by_active_rows():
     assert BudgetTable(entries=[BudgetEntry(8, chain)]).lookup(1) == chain   # below every entry: the smallest
 
 
+def test_drift_monitor_flags_step_times_and_acceptance_that_left_the_calibration():
+    from decoding.budget import DriftMonitor
+
+    chain = TreeConfig(max_nodes=4, max_depth=3)
+    table = BudgetTable(entries=[BudgetEntry(1, chain, step_s={"4,3": 0.010, "none": 0.008}),
+                                 BudgetEntry(8, None, step_s={"4,3": 0.030, "none": 0.020})],
+                        tau={(4, 3): 3.0})
+    monitor = DriftMonitor(table, window=4, tolerance=0.3, max_remeasures=2)
+    # steps like the calibration: no drift; steps at an uncalibrated batch size are not compared
+    assert all(monitor.observe(1, 0.011, [3, 3]) is None for _ in range(8))
+    assert all(monitor.observe(5, 1.0, [1]) is None for _ in range(8))
+    assert all(monitor.observe(8, 0.021, [1] * 8) is None for _ in range(8))   # "none": acceptance 1 is expected
+    # a window of steps twice as slow at batch 1 -> re-measure, said with the figures
+    reasons = [monitor.observe(1, 0.020, [3]) for _ in range(4)]
+    assert reasons[:3] == [None] * 3 and reasons[3].startswith("at batch 1 (4 nodes/depth 3) steps take 20.0 ms, "
+                                                               "calibrated 10.0 ms over 4 steps")
+    assert monitor.window == 8 and monitor.remeasures_left == 1
+    monitor.reset(table)
+    # faster than calibrated counts too ("no drafting" measured while the machine was busy)
+    reasons = [monitor.observe(8, 0.010, [1]) for _ in range(8)]
+    assert reasons[-1] is not None and "steps take 10.0 ms, calibrated 20.0 ms" in reasons[-1]
+    assert "no drafting" in reasons[-1] and monitor.remeasures_left == 0
+    # the cap: no more re-measures, whatever the steps do (acceptance far off here)
+    monitor.reset(table)
+    assert all(monitor.observe(1, 0.010, [1]) is None for _ in range(40))
+    # acceptance alone
+    fresh = DriftMonitor(table, window=4)
+    reasons = [fresh.observe(1, 0.010, [1, 2]) for _ in range(4)]
+    assert "1.50 tokens accepted per step, calibrated 3.00" in reasons[-1] and "steps take" not in reasons[-1]
+    # a calibration too noisy to trust is measured again after one window, even if steps agree
+    noisy = BudgetTable(entries=[BudgetEntry(1, chain, step_s={"4,3": 0.010, "none": 0.008}, noise=0.8)],
+                        tau={(4, 3): 3.0})
+    monitor = DriftMonitor(noisy, window=2)
+    reasons = [monitor.observe(1, 0.010, [3]) for _ in range(2)]
+    assert reasons == [None, "at batch 1 (4 nodes/depth 3) its calibration's step times varied by ±80% over 2 steps"]
+    with pytest.raises(ValueError, match="window"):
+        DriftMonitor(table, window=0)
+
+
 def test_tau_ranks_nodes_among_shallow_candidates_only():
     """A path node is kept with budget n at depth bound d iff fewer than n candidates of depth
     <= d rank before it: deeper candidates do not count against it when d excludes them."""

@@ -49,7 +49,10 @@ def output(tmp_path):
     pq.write_table(pa.table({"id": ["zzz"]}), tmp_path / "_plan.parquet")
     manifest = {"status": "finished", "input": {"rows": 4, "commit_rows": 2},
                 "runs": [{"rows": 4, "new_tokens": 20, "wall_s": 2.0,
-                          "tree_budget": [{"actor": "h:1", "device": "cpu", "budget": "batch>=1: 8 nodes/depth 4"}]},
+                          "tree_budget": [{"actor": "h:1", "device": "cpu", "budget": "batch>=1: 8 nodes/depth 4",
+                                          "remeasures": [{"reason": "at batch 1 (2 nodes/depth 2) steps take 5.0 ms, "
+                                                          "calibrated 9.0 ms over 64 steps",
+                                                          "budget": "batch>=1: 8 nodes/depth 4", "seconds": 1.5}]}]},
                          {"status": "failed"}]}
     (tmp_path / "_run.json").write_text(json.dumps(manifest))
     return str(tmp_path)
@@ -158,6 +161,8 @@ def test_stats_numbers_and_plot(output, tmp_path, capsys):
     assert "4 of 4 input rows (complete): 3 ok, 1 error" in text and "mean accepted   1.8889" in text
     assert stats["undrafted"] == 1
     assert "tree budget     run 1, actor h:1 (cpu): batch>=1: 8 nodes/depth 4" in text
+    assert ("                measured again (1) because at batch 1 (2 nodes/depth 2) steps take 5.0 ms, calibrated "
+            "9.0 ms over 64 steps: batch>=1: 8 nodes/depth 4") in text
     assert "drafting        1 of 3 ok rows were decoded by the target alone" in text
 
 
@@ -279,3 +284,27 @@ def test_run_progress_lines_and_stall_hint():
     assert any("40/100 rows committed (40.0%), 6 more decoded" in line and "rows/s this run" in line for line in lines)
     assert "3 more decoded" in later[0]
     assert "nothing committed for" in lines[-1]          # no commit for longer than stall_s
+
+
+def test_terminal_bar_ends_with_the_last_commits_counts(monkeypatch):
+    """The bar's ok=/error= at close are the run's final counts (it used to show the tick before the
+    last commit, one commit behind the summary line)."""
+    import io
+    import time
+
+    import tqdm
+
+    from pipeline.commit import RunCounters
+    from pipeline.progress import RunProgress
+
+    screen = io.StringIO()
+    real = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: real(*a, **{**k, "file": screen, "mininterval": 0}))
+    counters = RunCounters()
+    with RunProgress(total=20, before=0, tty=True) as progress:
+        progress.watch(counters)
+        time.sleep(0.7)                                         # one tick at 0 rows
+        counters.rows, counters.ok, counters.new_tokens, counters.target_forwards = 20, 19, 40, 20
+    last = screen.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "20/20" in last and "ok=19" in last and "error=1" in last, last
+

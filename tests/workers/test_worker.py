@@ -147,8 +147,60 @@ def test_tree_budget_auto_measures_a_table_and_keeps_captions_exact(preprocessor
     assert report["table"] == worker.budget and report["budget"].startswith("batch>=1: ")
     import pyarrow.fs as pafs
     assert read_budget_reports(pafs.LocalFileSystem(), str(tmp_path), "run-x") == [
-        {"actor": report["actor"], "device": "cpu", "budget": report["budget"]}]
+        {"actor": report["actor"], "device": "cpu", "budget": report["budget"], "remeasures": []}]
     ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images, prompts), MAX_NEW)
+    for out in outs:
+        for row in out.to_pylist():
+            assert row["status"] == "ok" and row["caption"] == ref[row["id"]], row["id"]
+
+
+def test_tree_budget_is_measured_again_when_the_steps_drift_from_it(preprocessor, tiny_pair, tmp_path,
+                                                                    monkeypatch, capsys):
+    """A table measured at an unrepresentative moment (here: its step times 50x too slow, as if
+    another process had the machine during calibration) is noticed within `budget_window` steps:
+    the actor drains its batch, measures again on queued rows, reports both, and no row is lost
+    or changed."""
+    import asyncio
+    import json
+
+    import decoding.budget as budget
+    from pipeline.layout import BUDGET_DIR
+    from workers.caption import CaptionWorker
+
+    calls = []
+    real = budget.choose_table
+
+    def skewed_first_table(*args, **kwargs):
+        table = real(*args, **kwargs)
+        if not calls:
+            for entry in table.entries:
+                entry.step_s = {k: v * 50 for k, v in entry.step_s.items()}
+        calls.append(table)
+        return table
+
+    monkeypatch.setattr(budget, "choose_table", skewed_first_table)
+    worker = CaptionWorker(*tiny_pair, max_new_tokens=MAX_NEW, torch_threads=1, batch_size=3, tree_budget="auto",
+                           budget_report=str(tmp_path / BUDGET_DIR / "run-d"), budget_window=3)
+    images = {f"d{i}": png_bytes(60 + i) for i in range(12)}
+    groups = [[f"d{i}" for i in range(j, j + 3)] for j in range(0, 12, 3)]
+
+    def table(keys):
+        return preprocessor(pa.table({"id": keys, "image": pa.array([images[k] for k in keys], pa.binary()),
+                                      "prompt": pa.array([None] * len(keys), pa.string())}))
+
+    async def main():
+        return await asyncio.gather(*(worker(table(g)) for g in groups))
+
+    outs = asyncio.run(main())
+    assert [o.column("id").to_pylist() for o in outs] == groups
+    assert 1 <= len(worker.remeasures) <= 3 and len(calls) == 1 + len(worker.remeasures)
+    first = worker.remeasures[0]
+    assert first["reason"].startswith("at batch ") and "calibrated" in first["reason"] and first["seconds"] > 0
+    assert "tree budget drifted at batch" in capsys.readouterr().out
+    assert worker.budget == calls[-1].to_dict()                       # the new table is the one in use
+    (report,) = [json.loads(p.read_text()) for p in (tmp_path / BUDGET_DIR / "run-d").glob("*.json")]
+    assert report["remeasures"] == worker.remeasures and report["table"] == worker.budget
+    ref = reference_captions(tiny_pair[0], processed_inputs(preprocessor, images, {}), MAX_NEW)
     for out in outs:
         for row in out.to_pylist():
             assert row["status"] == "ok" and row["caption"] == ref[row["id"]], row["id"]
