@@ -12,6 +12,7 @@ import os
 
 from jobs.common import (UserError, add_caption_arguments, add_job_arguments, add_progress_argument,
                          default_model, parse_actors, relocated_demo_model, resume_hint, tree_options)
+from jobs import common
 from jobs.common import JOB_DASHBOARD_ENV
 
 
@@ -106,7 +107,7 @@ def _run(config, progress_every: float = 10.0, debug: bool = False, verbose: boo
     tty = sys.stdout.isatty() and progress_every > 0
     try:
         summary = run_caption(config, progress_every=0.0 if tty else progress_every, progress_tty=tty,
-                              verbose=verbose, label=label)
+                              verbose=verbose, label=label, own_console=common.OWN_CONSOLE)
     except PipelineError as exc:
         raise UserError(str(exc)) from None
     except KeyboardInterrupt as exc:

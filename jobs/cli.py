@@ -237,5 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def program() -> int:
+    """The `specllava` program (console script and `python -m jobs.cli`): main() owning its console."""
+    from jobs import common
+
+    common.OWN_CONSOLE = True
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

@@ -16,6 +16,12 @@ DEMO_PAIR_DIR = "assets/demo-pair"            # relative to the project (a job's
 DEMO_PAIR = PROJECT_ROOT / DEMO_PAIR_DIR       # target/ and draft/ of the shipped demo pair
 
 
+# True only in the `specllava` program itself (jobs.cli.program), never in a library call or a test
+# calling jobs.cli.main: only the program may take over the process's descriptor 2 (the filter of
+# Ray's native console noise, pipeline/console.py).
+OWN_CONSOLE = False
+
+
 class UserError(Exception):
     """An error the user can fix (bad argument, missing path): printed as one line, exit code 2."""
 

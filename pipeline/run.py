@@ -111,6 +111,19 @@ def ensure_ray(address: str | None, verbose: bool = True) -> None:
         ray.init(address=address, **options)
     else:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **options)
+    _exit_on_sigterm()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`specllava stop`, `ray job stop`) raises SystemExit(15) in the main thread, as Ray's
+    own handler does, but without the native stack dump ("*** SIGTERM received ... PC: @ ...")
+    that the failure handler Ray's core installs in `ray.init` prints first: a stop is not a crash."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
 
 
 def check_layout(out_fs, root: str, output: str) -> None:
@@ -351,13 +364,15 @@ def _hash_models(config: CaptionConfig, previous: dict | None) -> dict:
 
 
 def run_caption(config: CaptionConfig, log=print, *, progress_every: float = 0.0, progress_tty: bool = False,
-                verbose: bool = True, label: str = "specllava caption") -> dict:
+                verbose: bool = True, label: str = "specllava caption", own_console: bool = False) -> dict:
     """Caption every input row not yet committed in the output; returns the summary (also in _run.json).
 
     Raises PipelineError for user errors (LeaseHeld when another live writer holds the output),
     before any row is written. `progress_every` > 0 prints a progress line that often;
     `progress_tty` shows a bar instead; `verbose=False` keeps Ray's own logs off the console;
-    `label` starts the summary lines (the command that runs: caption or resume).
+    `label` starts the summary lines (the command that runs: caption or resume); `own_console`
+    (the `specllava` program, not a library call) with `verbose=False` also drops Ray's native
+    noise from descriptor 2 (pipeline/console.py).
     """
     preflight.check_run(config)  # models safe and paired, output bucket/dir exists: before any reading
     out_fs, root = storage.resolve(config.output, config.s3_endpoint)
@@ -371,7 +386,7 @@ def run_caption(config: CaptionConfig, log=print, *, progress_every: float = 0.0
         raise PipelineError(f"cannot write --output {config.output}: {one_line(exc, 300)}") from None
     try:
         return _run_holding_lease(config, out_fs, root, lease, log,
-                                  dict(every_s=progress_every, tty=progress_tty), verbose, label)
+                                  dict(every_s=progress_every, tty=progress_tty), verbose, label, own_console)
     except BaseException as exc:
         # A run that created the output and fails (or is interrupted) before its first commit
         # leaves nothing behind: the output is removed, still under the lease.
@@ -395,7 +410,7 @@ def _nothing_committed(out_fs, root: str) -> bool:
 
 
 def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, log, progress: dict,
-                       verbose: bool, label: str) -> dict:
+                       verbose: bool, label: str, own_console: bool = False) -> dict:
     data_path = posixpath.join(root, DATA_DIR)
     plan, new_plan = scan_input(config, out_fs, root)
     previous = mf.read_manifest(config.output, config.s3_endpoint)
@@ -405,6 +420,9 @@ def _run_holding_lease(config: CaptionConfig, out_fs, root: str, lease: Lease, l
     if not verbose:
         quiet_ray()
     ensure_ray(config.address, verbose=verbose)
+    if own_console and not verbose:
+        from pipeline.console import filter_native_stderr
+        filter_native_stderr()
     # Before any Ray work (the id check's tasks need a node too): a graph the cluster can never
     # host fails here, in seconds, instead of waiting forever (pipeline/cluster.py).
     cluster = read_cluster()

@@ -54,6 +54,7 @@ def jobs_script(dashboard: str) -> str:
         else:
             lines.append(command.replace("raysubmit_XXXX", "$JOB"))
     lines.append("specllava logs $JOB2 --follow > resumed-job.log 2>&1   # the test: wait for the resumed job")
+    lines.append("specllava logs $JOB > stopped-job.log 2>&1   # the test: the stopped job's whole log")
     lines.append("specllava query s3://tour/captions2 \"SELECT status, count(*) AS n, count(DISTINCT id) AS ids "
                  "FROM captions GROUP BY status\" $S3 --format json")
     return "\n".join(lines) + "\n"
@@ -147,3 +148,10 @@ def test_the_readme_tour_and_ray_jobs_run_as_written(tmp_path):
     assert re.search(r"submitted raysubmit_\w+", out) and re.search(r"resumed as raysubmit_\w+", out), out[-3000:]
     assert "progress: " in (tmp_path / "follow.log").read_text()
     assert re.search(r'"status": "ok",\s*"n": 200,\s*"ids": 200', out), out[-3000:]
+    # The console carries our lines only: none of Ray's native core lines (pipeline/console.py), and
+    # the stopped job says it was stopped, without a native stack dump.
+    stopped = (tmp_path / "stopped-job.log").read_text()
+    resumed = (tmp_path / "resumed-job.log").read_text()
+    for text in (out, caption_log, stopped, resumed):
+        assert "core_worker.cc" not in text and "max_restarts > 0" not in text, text[-3000:]
+    assert "stopped by SIGTERM" in stopped and "SIGTERM received" not in stopped and "PC: @" not in stopped, stopped
