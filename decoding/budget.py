@@ -18,12 +18,15 @@ is a table over active batch sizes, looked up at every step as rows finish or jo
    for a plain target step, measured on this device.
 3. Choice, per B: argmax over candidates of tau(n, d) / step_s(B, n, d), against
    1 / step_s(B, none) for not drafting. Step times are medians of repeated steps, the shapes
-   interleaved round by round; their spread is the noise. "No drafting" wins only when it is
-   faster than the best tree by more than that noise (`noise` in the entry): one noisy sample
-   on a shared machine must not switch speculation off for an actor's whole life.
+   interleaved round by round; each one's spread is its noise (`spread` in the entry). "No
+   drafting", or a tree accepting less, wins over a tree accepting more only when it is faster
+   beyond the noise of both (`choose`): one noisy sample on a shared machine must not switch
+   speculation off, or shrink it, for an actor's whole life (and `DriftMonitor` re-checks the
+   choice against the steps that follow).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -49,7 +52,8 @@ class BudgetEntry:
     tree: TreeConfig | None                                   # None: no drafting at this batch size
     step_s: dict = field(default_factory=dict)               # "n,d" or "none" -> median step seconds
     predicted_tps: dict = field(default_factory=dict)        # "n,d" or "none" -> tokens/s per row
-    noise: float = 0.0                                       # relative spread of the step times compared
+    noise: float = 0.0                                       # the largest relative spread of those step times
+    spread: dict = field(default_factory=dict)               # "n,d" or "none" -> relative spread of its step times
 
 
 @dataclass
@@ -76,6 +80,7 @@ class BudgetTable:
                 "step_ms": {k: round(v * 1e3, 2) for k, v in e.step_s.items()},
                 "predicted_tokens_per_s_per_row": {k: round(v, 2) for k, v in e.predicted_tps.items()},
                 "noise": round(e.noise, 4),
+                "spread": {k: round(v, 4) for k, v in e.spread.items()},
             } for e in self.entries],
         }
 
@@ -222,15 +227,25 @@ def step_samples(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
     return times
 
 
-def choose(predicted: dict, noise: float):
-    """The shape with the most predicted tokens/s, except that None (no drafting) must beat the
-    best tree by more than the relative `noise` (else that tree is kept)."""
+def choose(predicted: dict, noise, tau: dict | None = None):
+    """The shape with the most predicted tokens/s, except that a shape accepting fewer tokens per
+    step (a smaller tree, or None: no drafting) replaces one accepting more only when it is faster
+    beyond the noise of both: predicted[small] > predicted[big] * (1 + noise[small] + noise[big]).
+    Of the shapes the best does not beat by that much, the one accepting most is kept.
+
+    noise: the relative spread of each shape's step time (a dict), or one figure for the pair (a
+    float, split evenly). tau: tokens accepted per step per shape (None's is 1); without it only
+    no drafting is held to the margin, and trees compete on predicted tokens/s alone."""
+    spread = noise if isinstance(noise, dict) else dict.fromkeys(predicted, noise / 2)
+
+    def accepts(shape) -> float:
+        return 1.0 if shape is None else (tau[shape] if tau else math.inf)
+
     best = max(predicted, key=predicted.get)
-    trees = [s for s in predicted if s is not None]
-    if best is None and trees:
-        tree = max(trees, key=predicted.get)
-        if predicted[None] <= predicted[tree] * (1.0 + noise):
-            return tree
+    level = [s for s in predicted if accepts(s) > accepts(best)
+             and predicted[best] <= predicted[s] * (1.0 + spread[s] + spread[best])]
+    if level:
+        return max(level, key=lambda s: (accepts(s), predicted[s]))
     return best
 
 
@@ -249,12 +264,14 @@ def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
                                image_sizes)
         cost = {shape: statistics.median(t) for shape, t in samples.items()}
         predicted = {shape: (tau[shape] if shape else 1.0) / cost[shape] for shape in cost}
-        noise = max(relative_spread(t) for t in samples.values())
-        best = choose(predicted, noise)
+        spread = {shape: relative_spread(t) for shape, t in samples.items()}
+        noise = max(spread.values())
+        best = choose(predicted, spread, tau)
         tree = None if best is None else replace(decoder.tree, max_nodes=best[0], max_depth=best[1])
         label = lambda s: "none" if s is None else f"{s[0]},{s[1]}"  # noqa: E731
         entries.append(BudgetEntry(batch_size=B, tree=tree, step_s={label(k): v for k, v in cost.items()},
-                                   predicted_tps={label(k): v for k, v in predicted.items()}, noise=noise))
+                                   predicted_tps={label(k): v for k, v in predicted.items()}, noise=noise,
+                                   spread={label(k): v for k, v in spread.items()}))
     return BudgetTable(entries=entries, tau={k: v for k, v in tau.items() if k in shapes})
 
 

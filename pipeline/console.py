@@ -30,7 +30,11 @@ NATIVE_NOISE = (
 # pattern. A partial line is forwarded at once unless it may be the start of a native log line
 # (those start with "["), so a progress bar drawn on descriptor 2 still updates live.
 _FILTER = r"""
-import os, sys
+import os, signal, sys
+# Ctrl-C and SIGTERM reach the whole process group: the filter outlives them and forwards what the
+# driver writes while it stops; it ends at the end of the pipe (or with the group's SIGKILL).
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 patterns = [p.encode() for p in sys.argv[1:]]
 out, pending = sys.stdout.fileno(), b""
 def write(data):
@@ -40,8 +44,6 @@ while True:
     try:
         chunk = os.read(0, 65536)
     except InterruptedError:
-        continue
-    except KeyboardInterrupt:          # Ctrl-C reaches the whole process group: keep forwarding
         continue
     if not chunk:
         write(pending)
@@ -65,7 +67,7 @@ def filter_native_stderr(patterns=NATIVE_NOISE) -> bool:
         sys.stderr.flush()
         terminal = os.dup(2)
         proc = subprocess.Popen([sys.executable, "-c", _FILTER, *patterns], stdin=subprocess.PIPE, stdout=terminal,
-                                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=False)
+                                stderr=subprocess.DEVNULL, close_fds=True)
     except OSError:
         return False
     # Python's stderr keeps the terminal; only native writes to descriptor 2 go through the filter.

@@ -236,12 +236,17 @@ def test_choose_table_measures_each_batch_size():
     assert [e.batch_size for e in table.entries] == [1, 4]
     for e in table.entries:
         assert set(e.step_s) == {"1,1", "4,2", "none"} and all(v > 0 for v in e.step_s.values())
-        tps = e.predicted_tps
-        best_tree = max((k for k in tps if k != "none"), key=tps.get)
-        no_drafting_wins = tps["none"] > tps[best_tree] * (1 + e.noise)
-        assert (e.tree is None) == no_drafting_wins
-        if e.tree is not None:   # the best tree, whether or not "none" was (within noise) faster
-            assert f"{e.tree.max_nodes},{e.tree.max_depth}" == best_tree
+        tps, sp = e.predicted_tps, e.spread
+        assert set(sp) == set(tps) and e.noise == max(sp.values())
+        chosen = "none" if e.tree is None else f"{e.tree.max_nodes},{e.tree.max_depth}"
+        accepts = {"none": 1.0, **{f"{n},{d}": t for (n, d), t in table.tau.items()}}
+        # the fastest shape does not beat the chosen one beyond their noise, and it beats every
+        # shape accepting more than the chosen one beyond theirs
+        best = max(tps, key=tps.get)
+        assert tps[best] <= tps[chosen] * (1 + sp[best] + sp[chosen]) + 1e-12, e
+        for k in tps:
+            if accepts[k] > accepts[chosen]:
+                assert tps[best] > tps[k] * (1 + sp[k] + sp[best]), (k, e)
         assert e.predicted_tps["none"] == pytest.approx(1 / e.step_s["none"])
         assert e.noise >= 0
     assert decoder.budget is None and json.dumps(table.to_dict())
@@ -270,6 +275,14 @@ def test_no_drafting_must_win_beyond_the_noise():
     assert choose({None: 10.0, (1, 1): 9.5}, noise=0.01) is None                 # clearly faster: stop
     assert choose({None: 5.0, (1, 1): 9.0, (4, 2): 12.0}, noise=0.5) == (4, 2)
     assert choose({None: 5.0}, noise=0.0) is None
+    # With acceptance known, a smaller tree is held to the same rule, with each shape's own noise:
+    tau = {(1, 1): 1.8, (4, 2): 2.6, (8, 4): 3.4}
+    spread = {None: 0.02, (1, 1): 0.02, (4, 2): 0.05, (8, 4): 0.05}
+    predicted = {None: 5.0, (1, 1): 10.0, (4, 2): 9.5, (8, 4): 8.0}
+    assert choose(predicted, spread, tau) == (4, 2)        # (1, 1) is faster only within 0.02 + 0.05
+    assert choose(predicted, dict.fromkeys(spread, 0.0), tau) == (1, 1)   # no noise: the fastest
+    assert choose(predicted, dict.fromkeys(spread, 0.2), tau) == (8, 4)   # all within noise: most accepted
+    assert choose({None: 10.0, (1, 1): 9.0}, {None: 0.01, (1, 1): 0.2}, tau) == (1, 1)
 
 
 def test_budget_table_lookup_by_active_rows():
