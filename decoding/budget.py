@@ -19,14 +19,12 @@ is a table over active batch sizes, looked up at every step as rows finish or jo
 3. Choice, per B: argmax over candidates of tau(n, d) / step_s(B, n, d), against
    1 / step_s(B, none) for not drafting. Step times are medians of repeated steps, the shapes
    interleaved round by round; each one's spread is its noise (`spread` in the entry). "No
-   drafting", or a tree accepting less, wins over a tree accepting more only when it is faster
-   beyond the noise of both (`choose`): one noisy sample on a shared machine must not switch
-   speculation off, or shrink it, for an actor's whole life (and `DriftMonitor` re-checks the
-   choice against the steps that follow).
+   drafting" wins over the best tree only when it is faster beyond the noise of both (`choose`):
+   one noisy sample on a shared machine must not switch speculation off for an actor's whole
+   life (and `DriftMonitor` re-checks the choice against the steps that follow).
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -36,6 +34,7 @@ import torch
 from .decoder import SpeculativeDecoder
 from .families import adapter
 from .models import forward_block, model_device, prefill, vocab_size
+from .options import eos_set
 from .tree import TreeConfig
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -124,20 +123,25 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
 
     The decode stops at `eos_token_id` (None: the target's generation config, as captions do):
     past the end of a caption the pair agrees far less often than within it, and counting those
-    steps would make every tree look worse than it is. Only when the rows end before
-    MIN_TAU_STEPS row-steps does it decode again without EOS, to have something to count."""
+    steps would make every tree look worse than it is. A row's last step counts only the tokens
+    up to its EOS, as a caption keeps them (a big tree's last step often accepts past it). Only
+    when the rows end before MIN_TAU_STEPS row-steps does it decode again without EOS, to have
+    something to count."""
     base = decoder.tree
     big = replace(base, max_depth=max(depth_grid), max_nodes=10 ** 6, threshold=base.threshold)
-    steps: list[tuple[list[int], list[int], list[int], list[int]]] = []
+    eos = eos_set(decoder.target if eos_token_id is None else None, eos_token_id)
+    steps: list[tuple] = []
 
     def observe(tree, acc):
         if tree.rank is None:   # a step that drafted nothing (one token left): not a tree's acceptance
             return
         ranks, depths, valid = tree.rank.tolist(), tree.depths.tolist(), tree.valid.tolist()
+        tokens = acc.tokens.tolist()
         for b, path in enumerate(acc.paths):
             cand = [i for i, ok in enumerate(valid[b]) if ok]
+            ends = [j + 1 for j, t in enumerate(tokens[b][: len(path) + 1]) if t in eos]
             steps.append(([ranks[b][i] for i in path], [depths[b][i] for i in path],
-                          [ranks[b][i] for i in cand], [depths[b][i] for i in cand]))
+                          [ranks[b][i] for i in cand], [depths[b][i] for i in cand], ends[0] if ends else None))
 
     decoder.set_tree(big)
     decoder.step_observer = observe
@@ -146,6 +150,7 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
         decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, image_sizes=image_sizes)
         if len(steps) < MIN_TAU_STEPS:
+            eos = frozenset()
             decoder.generate(input_ids, attention_mask, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=[],
                              image_sizes=image_sizes)
     finally:
@@ -156,22 +161,24 @@ def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_
 
 
 def tau_from_steps(steps, max_nodes_grid, depth_grid) -> dict[tuple[int, int], float]:
-    """tau(n, d) from recorded steps: (path ranks, path depths, every candidate's rank, its depth).
+    """tau(n, d) from recorded steps: (path ranks, path depths, every candidate's rank, its depth[,
+    cap]); cap: the tokens the step can yield at most (its row's EOS within the step), or None.
 
     A path node survives budget (n, d) iff its depth <= d and fewer than n candidates of depth
-    <= d rank before it; the accepted length is the surviving prefix of the path, plus the bonus."""
+    <= d rank before it; the accepted length is the surviving prefix of the path, plus the bonus
+    (at most `cap`)."""
     tau = {}
     for n in max_nodes_grid:
         for d in depth_grid:
             kept = []
-            for path_ranks, path_depths, ranks, depths in steps:
+            for path_ranks, path_depths, ranks, depths, *cap in steps:
                 shallow = sorted(r for r, dep in zip(ranks, depths) if dep <= d)
                 k = 0
                 for r, dep in zip(path_ranks, path_depths):
                     if dep > d or _count_below(shallow, r) >= n:
                         break
                     k += 1
-                kept.append(k + 1)
+                kept.append(min(k + 1, cap[0]) if cap and cap[0] else k + 1)
             tau[(n, d)] = statistics.mean(kept) if kept else 1.0
     return tau
 
@@ -227,25 +234,22 @@ def step_samples(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
     return times
 
 
-def choose(predicted: dict, noise, tau: dict | None = None):
-    """The shape with the most predicted tokens/s, except that a shape accepting fewer tokens per
-    step (a smaller tree, or None: no drafting) replaces one accepting more only when it is faster
-    beyond the noise of both: predicted[small] > predicted[big] * (1 + noise[small] + noise[big]).
-    Of the shapes the best does not beat by that much, the one accepting most is kept.
+def choose(predicted: dict, noise):
+    """The shape with the most predicted tokens/s, except that None (no drafting) must beat the
+    best tree by more than the noise of both (else that tree is kept): predicted[None] >
+    predicted[tree] * (1 + noise[None] + noise[tree]). noise: the relative spread of each shape's
+    step time (a dict), or one figure for the pair (a float, split evenly).
 
-    noise: the relative spread of each shape's step time (a dict), or one figure for the pair (a
-    float, split evenly). tau: tokens accepted per step per shape (None's is 1); without it only
-    no drafting is held to the margin, and trees compete on predicted tokens/s alone."""
+    Trees compete on predicted tokens/s alone: holding a smaller tree to the same margin was
+    measured to pick trees too big (the calibration's step times favour them; docs/benchmarks.md,
+    "Tree budget on drift")."""
     spread = noise if isinstance(noise, dict) else dict.fromkeys(predicted, noise / 2)
-
-    def accepts(shape) -> float:
-        return 1.0 if shape is None else (tau[shape] if tau else math.inf)
-
     best = max(predicted, key=predicted.get)
-    level = [s for s in predicted if accepts(s) > accepts(best)
-             and predicted[best] <= predicted[s] * (1.0 + spread[s] + spread[best])]
-    if level:
-        return max(level, key=lambda s: (accepts(s), predicted[s]))
+    trees = [s for s in predicted if s is not None]
+    if best is None and trees:
+        tree = max(trees, key=predicted.get)
+        if predicted[None] <= predicted[tree] * (1.0 + spread[None] + spread[tree]):
+            return tree
     return best
 
 
@@ -266,7 +270,7 @@ def choose_table(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_v
         predicted = {shape: (tau[shape] if shape else 1.0) / cost[shape] for shape in cost}
         spread = {shape: relative_spread(t) for shape, t in samples.items()}
         noise = max(spread.values())
-        best = choose(predicted, spread, tau)
+        best = choose(predicted, spread)
         tree = None if best is None else replace(decoder.tree, max_nodes=best[0], max_depth=best[1])
         label = lambda s: "none" if s is None else f"{s[0]},{s[1]}"  # noqa: E731
         entries.append(BudgetEntry(batch_size=B, tree=tree, step_s={label(k): v for k, v in cost.items()},

@@ -23,6 +23,16 @@ def test_prefill_share_reports_the_bound_and_verify_costs():
 
 
 
+def test_big_batch_steps_reports_each_shape():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "big_batch_steps.py"), "--batch", "2",
+                          "--shapes", "none,2x2", "--max-new-tokens", "4", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["none", "2x2"]
+    assert all("add " in line and "at 2 rows" in line and "verify" in line for line in lines)
+
+
 def test_batch_budget_estimate_agrees_with_the_full_tree():
     """With the whole 24-node tree as the budget, both policies keep every node, so both must
     give the tau the decoder measured with that tree; smaller budgets give no more."""
