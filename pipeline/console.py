@@ -1,5 +1,8 @@
 """The driver's console: our lines, not the native noise of the libraries under us.
 
+Two pieces: `filter_native_stderr` (below) and `exit_on_sigterm` (a stop without Ray's native
+stack dump; `pipeline.run.ensure_ray` installs it after `ray.init`).
+
 Ray's C++ core writes a few ERROR-level lines straight to file descriptor 2 that say nothing a
 user can act on, e.g. on every run (Ray Data always passes its actors' constructor arguments
 through the object store, ray-project/ray#53727):
@@ -81,3 +84,14 @@ def filter_native_stderr(patterns=NATIVE_NOISE) -> bool:
 
 
 _installed = False
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`specllava stop`, `ray job stop`) raises SystemExit(15) in the main thread, as Ray's
+    own handler does, but without the native stack dump ("*** SIGTERM received ... PC: @ ...")
+    that the failure handler Ray's core installs in `ray.init` prints first: a stop is not a crash."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))

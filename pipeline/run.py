@@ -111,19 +111,8 @@ def ensure_ray(address: str | None, verbose: bool = True) -> None:
         ray.init(address=address, **options)
     else:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, **options)
-    _exit_on_sigterm()
-
-
-def _exit_on_sigterm() -> None:
-    """SIGTERM (`specllava stop`, `ray job stop`) raises SystemExit(15) in the main thread, as Ray's
-    own handler does, but without the native stack dump ("*** SIGTERM received ... PC: @ ...")
-    that the failure handler Ray's core installs in `ray.init` prints first: a stop is not a crash."""
-    import signal
-    import sys
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    from pipeline.console import exit_on_sigterm
+    exit_on_sigterm()
 
 
 def check_layout(out_fs, root: str, output: str) -> None:
