@@ -70,6 +70,11 @@ class BudgetTable:
                 chosen = entry
         return chosen.tree
 
+    @property
+    def drafts(self) -> bool:
+        """Whether some batch size drafts (False: a table of plain target steps only)."""
+        return any(entry.tree is not None for entry in self.entries)
+
     def to_dict(self) -> dict:
         return {
             "tau": {f"{n},{d}": round(t, 3) for (n, d), t in sorted(self.tau.items())},

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .draft import TreeDrafter
 from .graphs import step_graphs
+from .kvpool import KeptBuffer
 from .engine import SpeculativeEngine
 from .options import SamplingOptions, default_top_k, eos_set, seeds_from
 from .families import adapter
@@ -50,6 +51,7 @@ class SpeculativeDecoder:
         self.graphs = step_graphs(compile, target, draft)
         # Optional budget.BudgetTable: the tree per active batch size (None: `tree` at every step).
         self.budget = None
+        self.kept = (KeptBuffer(), KeptBuffer())   # target and draft pool buffers between `generate` calls
 
     def set_tree(self, tree: TreeConfig) -> None:
         """Use another tree shape from the next call on (when no `budget` table is set)."""
@@ -59,18 +61,22 @@ class SpeculativeDecoder:
     def engine(self, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int | None = None, eos_token_id: int | Iterable[int] | None = None,
                max_rows: int | None = None, max_length: int | None = None,
-               trees: list[TreeConfig] | None = None) -> SpeculativeEngine:
+               trees: list[TreeConfig] | None = None, drafting: bool = True,
+               kept=None) -> SpeculativeEngine:
         """A running batch over this pair (engine.py). top_k None: what `generate` would apply
         for the target (its generation config, else transformers' default); 0 = off. eos_token_id:
         an id, a list of ids ([] = never stop early) or None for the target's generation_config.
         max_rows / max_length: the KV plan (capacity.plan_capacity): rows decoding at once and
         token slots per row, allocated once; None = sized by the rows that come, growing. trees:
-        every shape a step may run when more than `tree` and the budget table (the plan's room)."""
+        every shape a step may run when more than `tree` and the budget table (the plan's room).
+        drafting=False: a target-only engine (no draft prefill or pool); kept: the pools' buffers
+        (engine.SpeculativeEngine)."""
         options = SamplingOptions(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=default_top_k(self.target) if top_k is None else top_k,
             eos=eos_set(self.target if eos_token_id is None else None, eos_token_id))
-        engine = SpeculativeEngine(self, options, max_rows=max_rows, max_length=max_length, trees=trees)
+        engine = SpeculativeEngine(self, options, max_rows=max_rows, max_length=max_length, trees=trees,
+                                   drafting=drafting, kept=kept)
         engine.step_observer = self.step_observer
         return engine
 
@@ -84,11 +90,16 @@ class SpeculativeDecoder:
         with image_sizes [num_images, 2], the processor's output). Sampling (temperature > 0) draws row b from
         seeds[b] (see engine.row_seed) or, without seeds, from seeds drawn from `generator`."""
         B = input_ids.shape[0] if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else 0
-        engine = self.engine(max_new_tokens, temperature, top_p, top_k, eos_token_id, max_rows=max(B, 1))
+        # A budget that never drafts decodes on the target alone; the pools' buffers are kept for the
+        # next call of the same size (kvpool.KeptBuffer: a fresh CPU buffer costs its page faults again).
+        drafting = self.budget is None or self.budget.drafts
+        engine = self.engine(max_new_tokens, temperature, top_p, top_k, eos_token_id, max_rows=max(B, 1),
+                             drafting=drafting, kept=self.kept)
         if engine.options.sampling and seeds is None:
             seeds = seeds_from(generator, B)
         done = {row.key: row for row in engine.add(input_ids, attention_mask, pixel_values, seeds=seeds,
                                                               image_sizes=image_sizes)}
         while engine.active:
             done.update((row.key, row) for row in engine.step().finished)
+        engine.keep_buffers()
         return GenerationResult(sequences=[done[b].tokens for b in range(B)], stats=[done[b].stats for b in range(B)])

@@ -43,7 +43,7 @@ from . import models
 from .capacity import PENDING_CAP, tree_room
 from .errors import CapacityError, InputError
 from .consts import arange
-from .kvpool import KVPool, KVShape
+from .kvpool import KeptBuffer, KVPool, KVShape
 from .families import adapter, text_prompt
 from .models import model_device, model_dtype, prefill, sliding_window, project_image_features, validate_inputs, vision_hidden_states
 from .stats import RowStats
@@ -95,15 +95,23 @@ class SpeculativeEngine:
     max_rows / max_length: the KV pools' row slots and token slots per row. Given (a memory plan,
     decoding/capacity.py), the pools are allocated once at that size and `add` refuses rows that
     would not fit (`can_admit` says beforehand); None: sized from the first rows, growing when more
-    rows or longer rows come (a copy of the pool each time it grows)."""
+    rows or longer rows come (a copy of the pool each time it grows).
+
+    drafting=False: a target-only engine (plain decoding on the target's pool: no draft prefill,
+    no draft pool, no backlog feeds), for a decoder whose budget never drafts; every step is a
+    one-token target step whatever `tree_for` says. kept: (target, draft) `KeptBuffer`s the pools
+    take their buffers from (the decoder's, for `generate`), None: fresh buffers."""
 
     def __init__(self, decoder, options: SamplingOptions, max_rows: int | None = None,
-                 max_length: int | None = None, trees: list | None = None):
+                 max_length: int | None = None, trees: list | None = None, drafting: bool = True,
+                 kept: tuple[KeptBuffer, KeptBuffer] | None = None):
         self.decoder = decoder
         self.options = options
         self.device = model_device(decoder.target)
         self.max_rows, self.max_length = max_rows, max_length
         self.trees = trees    # tree shapes steps may run (the KV room is sized for them); None: the decoder's
+        self.drafting = drafting
+        self.kept = kept
         self._tpool = self._dpool = None
         self._slots: list[_Row | None] = []
         self._state: SlotState | None = None
@@ -118,10 +126,18 @@ class SpeculativeEngine:
 
     def fresh(self) -> "SpeculativeEngine":
         """An empty engine with the same pair and options (after an error left this one unusable)."""
-        engine = SpeculativeEngine(self.decoder, self.options, self.max_rows, self.max_length, self.trees)
+        engine = SpeculativeEngine(self.decoder, self.options, self.max_rows, self.max_length, self.trees,
+                                   self.drafting)
         engine.step_observer = self.step_observer
         engine.tree_for = self.tree_for
         return engine
+
+    def keep_buffers(self) -> None:
+        """Leave the pools' buffers to `kept` for the next engine of the same size (call when done)."""
+        if self.kept is not None:
+            for kept, pool in zip(self.kept, (self._tpool, self._dpool)):
+                if pool is not None:
+                    kept.keep(pool.kv)
 
     @property
     def active(self) -> int:
@@ -170,15 +186,18 @@ class SpeculativeEngine:
         spare = spare_rows(self.decoder.graphs)
         rows += spare                                        # pool rows no slot uses
         if self._tpool is None:
+            kept_t, kept_d = self.kept or (None, None)
             self._tpool = KVPool(KVShape.of(self.decoder.target), rows, t_len, self.device,
-                                 *sliding_window(self.decoder.target))
-            self._dpool = KVPool(KVShape.of(self.decoder.draft), rows, d_len, self.device,
-                                 *sliding_window(self.decoder.draft))
+                                 *sliding_window(self.decoder.target), kept=kept_t)
+            if self.drafting:
+                self._dpool = KVPool(KVShape.of(self.decoder.draft), rows, d_len, self.device,
+                                     *sliding_window(self.decoder.draft), kept=kept_d)
             self._state = SlotState(rows, PENDING_CAP + 2 * t_room, self.options.max_new_tokens
                                      if self.options.sampling else None, self.device)
         else:
             self._tpool.resize(rows, t_len)
-            self._dpool.resize(rows, d_len)
+            if self._dpool is not None:
+                self._dpool.resize(rows, d_len)
             self._state.grow(rows)
         self._slots += [None] * (self._tpool.rows - spare - len(self._slots))
         self._pending_host += [0] * (len(self._slots) - len(self._pending_host))
@@ -234,14 +253,16 @@ class SpeculativeEngine:
         if pixel_values is not None and dec.shared_vision:
             hidden = vision_hidden_states(dec.target, pixel_values)
             target_mm = project_image_features(dec.target, hidden)
-            draft_mm = project_image_features(dec.draft, hidden)
+            draft_mm = project_image_features(dec.draft, hidden) if self.drafting else None
         elif pixel_values is not None:     # the family's own encoding (any-resolution: checked per row)
             target_mm = adapter(dec.target).encode_images(dec.target, pixel_values.to(self.device), image_sizes,
                                                           image_tokens.tolist())
         tgt, logits = prefill(dec.target, input_ids, attention_mask, pixel_values, target_mm,
                               image_sizes=image_sizes)
-        drf, _ = prefill(dec.draft, d_ids, d_mask, None if dec.text_draft else pixel_values, draft_mm,
-                         image_sizes=image_sizes)
+        drf = None
+        if self.drafting:
+            drf, _ = prefill(dec.draft, d_ids, d_mask, None if dec.text_draft else pixel_values, draft_mm,
+                             image_sizes=image_sizes)
         uniforms = None
         if opts.sampling:
             uniforms = torch.stack([
@@ -267,6 +288,8 @@ class SpeculativeEngine:
         slots = torch.tensor(free, dtype=torch.long, device=self.device)
         index = torch.tensor([b for b, _ in keep], dtype=torch.long, device=self.device)
         for pool, state, mask in ((self._tpool, tgt, attention_mask), (self._dpool, drf, d_mask)):
+            if pool is None:     # a target-only engine
+                continue
             n = mask.sum(-1)[index]
             pool.write_prompt(slots, [(layer.keys[index], layer.values[index]) for layer in state.cache.layers],
                               mask.shape[1] - n, n.tolist())
@@ -319,7 +342,7 @@ class SpeculativeEngine:
         opts, dec, st, rows = self.options, self.decoder, self._state, self._slots
         B = occupied[-1] + 1                       # the step runs over slots [0, B); free ones are masked
         remaining = opts.max_new_tokens - min(len(rows[s].outputs) for s in occupied)
-        shape = self.tree_for(len(occupied))
+        shape = self.tree_for(len(occupied)) if self.drafting else None
         depth = min(shape.max_depth, remaining - 1) if shape is not None else 0
         P = max(self._pending_host[:B])
         n_draft = 0
@@ -360,16 +383,17 @@ class SpeculativeEngine:
 
     def _feed_backlog(self, B: int, P: int) -> int:
         """A step without drafting: feed the draft its backlog once it reaches PENDING_CAP (keeps it
-        short). Returns the draft forwards made (0 or 1)."""
+        short; a target-only engine just drops it). Returns the draft forwards made (0 or 1)."""
         if P < PENDING_CAP:
             return 0
         st = self._state
-        self._room(self._dpool, B, P)
-        self.decoder.drafter.feed_pending(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
-                                          self._pending_host[:B])
+        if self._dpool is not None:
+            self._room(self._dpool, B, P)
+            self.decoder.drafter.feed_pending(self._dpool, B, st.pending[:B, :P], st.pending_len[:B],
+                                              self._pending_host[:B])
         st.pending_len[:B] = 0
         self._pending_host[:B] = [0] * B
-        return 1
+        return int(self._dpool is not None)
 
     def _static_phases(self, active: int, timer: "PhaseTimer"):
         """Draft and verify as the static-shape phases of graphs.py (compiled or eager) at this
@@ -377,7 +401,7 @@ class SpeculativeEngine:
         read rounded up to a length bucket (the occupied slots are a prefix, see `_condense`)."""
         dec, st = self.decoder, self._state
         B = batch_bucket(active, len(self._slots))
-        shape = self.tree_for(active)
+        shape = self.tree_for(active) if self.drafting else None
         depth = shape.max_depth if shape is not None else 0
         P_host = max(self._pending_host[:B])
         n_draft = 0
@@ -453,8 +477,9 @@ class SpeculativeEngine:
             src.append(used.pop())
         if not src:
             return
-        self._tpool.move(src, dst)
-        self._dpool.move(src, dst)
+        for pool in (self._tpool, self._dpool):
+            if pool is not None:
+                pool.move(src, dst)
         si = torch.tensor(src, dtype=torch.long, device=self.device)
         di = torch.tensor(dst, dtype=torch.long, device=self.device)
         st = self._state
@@ -473,8 +498,9 @@ class SpeculativeEngine:
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
         self._state.active[index] = 0
         self._state.pending_len[index] = 0
-        self._tpool.release(slots)
-        self._dpool.release(slots)
+        for pool in (self._tpool, self._dpool):
+            if pool is not None:
+                pool.release(slots)
         for s in slots:
             self._slots[s] = None
             self._pending_host[s] = 0

@@ -260,3 +260,52 @@ def test_budget_table_switching_shapes_and_skipping_drafts_stays_exact(compile):
     assert late.accepted_lengths[0] == 1 and late.tree_nodes[0] == 0
     full = [a for a, n in zip(late.accepted_lengths[:-1], late.tree_nodes[:-1]) if n > 1]
     assert full and all(a == TreeConfig().max_depth + 1 for a in full), late.accepted_lengths
+
+
+@pytest.mark.parametrize("compile", ["off", "static"])
+def test_a_budget_that_never_drafts_decodes_on_the_target_alone(compile):
+    """A table of plain steps only (the bench's plain_engine): `generate` builds a target-only engine,
+    no draft pool, no draft forward at all (its backlog past PENDING_CAP is dropped, not fed), and the
+    output is the target's greedy output."""
+    from decoding.budget import BudgetEntry, BudgetTable
+    from decoding.engine import PENDING_CAP
+
+    target, draft = target_model("llama", "default", 2), draft_model("perturbed", "llama", "default", 2)
+    ids, mask, pixels = random_batch(target, 3, [6, 14, 3], seed=21)
+    decoder = SpeculativeDecoder(target, draft, compile=compile)
+    decoder.budget = BudgetTable(entries=[BudgetEntry(1, None)])
+    assert not decoder.budget.drafts
+    calls = []
+    hook = draft.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        max_new = PENDING_CAP + 9
+        out = decoder.generate(ids, mask, pixels, max_new_tokens=max_new, eos_token_id=[])
+    finally:
+        hook.remove()
+    assert calls == [] and all(s.draft_forwards == 0 for s in out.stats)
+    assert out.sequences == target_greedy(target, ids, mask, pixels, max_new, None)
+    engine = decoder.engine(max_new_tokens=4, drafting=False)
+    engine.add(ids, mask, pixels)
+    assert engine._dpool is None and engine.fresh().drafting is False
+
+
+@pytest.mark.parametrize("compile", ["off", "static"])
+def test_generate_reuses_its_pool_buffers_for_a_batch_of_the_same_size(compile):
+    """The pools' buffers of one `generate` are kept for the next of the same size (zeroed: the static
+    phases read masked slots past the rows' block, which must be finite), and dropped for another size."""
+    target, draft = target_model("llama", "default", 2), draft_model("perturbed", "llama", "default", 2)
+    decoder = SpeculativeDecoder(target, draft, TreeConfig(threshold=0.0), compile=compile)
+    first = random_batch(target, 2, [9, 3], seed=1)
+    second = random_batch(target, 2, [9, 3], seed=2)      # same size, other tokens and images; the short
+                                                           # row reads (masked) slots it never wrote
+    decoder.generate(*first, max_new_tokens=12)
+    kept = decoder.kept[0]._buffer
+    assert kept is not None
+    kept.fill_(float("nan"))                               # garbage a reuse must not see
+    out = decoder.generate(*second, max_new_tokens=12, eos_token_id=[])
+    assert decoder.kept[0]._buffer is kept                 # the same buffer, used and kept again
+    assert out.sequences == target_greedy(target, *second, 12, None)
+    third = random_batch(target, 3, [4, 9, 2], seed=3)
+    out = decoder.generate(*third, max_new_tokens=6, eos_token_id=[])
+    assert decoder.kept[0]._buffer is not kept and decoder.kept[0]._buffer.shape[1] != kept.shape[1]
+    assert out.sequences == target_greedy(target, *third, 6, None)
