@@ -7,7 +7,8 @@ On the same images and prompt, in one process, methods are interleaved round aft
   static_tree    our decoder with a fixed-shape tree (top-k siblings along the draft's greedy chain);
   dynamic_tree   our decoder with the dynamic tree; its shape per active batch size (or no drafting
                  where a tree cannot pay) is measured on this device first, unless --no-budget;
-  plain_engine   this engine without drafting (plain decoding on its KV pool, compiled with --compile on);
+  plain_engine   this engine on the target alone (plain decoding on its KV pool, no draft prefill or draft
+                 pool; compiled with --compile on);
   hf_static      (opt-in) HF generate with a static cache and a compiled forward (transformers' route).
 Speculative methods are reported against target greedy and against the best plain decoder at each
 batch size (`vs_best_plain`: target_greedy, hf_static, plain_engine; the JSON names which won).

@@ -85,3 +85,12 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
     assert report["projection"]["label"].startswith("PROJECTION")
     assert set(report["projection"]["by"]) == {k for k in rows if not k.endswith("/none")}
     assert report["half_precision"] == {"skipped": "--skip"} and report["bench_smollm2"]["skipped"]
+
+
+def test_plain_engine_ab_checks_every_decoder_against_greedy_and_times_them():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plain_engine_ab.py"), "--batch", "2",
+                          "--images", "2", "--rounds", "1", "--max-new-tokens", "4", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("batch 2: ") and "median" in line for line in lines)
