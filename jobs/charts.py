@@ -21,7 +21,7 @@ from pathlib import Path
 DPI = 100
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 BENCH_COLORS = {"target_greedy": "#7f7f7f", "hf_assisted": "#d62728", "static_tree": "#1f77b4",
-                "dynamic_tree": "#2ca02c"}
+                "dynamic_tree": "#2ca02c", "hf_static": "#ff7f0e", "plain_engine": "#9467bd"}
 
 
 def _figure(width: int, height: int, ncols: int = 1):
@@ -163,7 +163,12 @@ def _bench_axes(ax, runs: list[dict], best: list[dict], speedups: dict[str, floa
 
 
 def _method_color(method: str, methods: list[str]) -> str:
-    return BENCH_COLORS.get(method, PALETTE[methods.index(method) % len(PALETTE)])
+    """A method's own colour; a method without one takes a palette colour no named method uses."""
+    if method in BENCH_COLORS:
+        return BENCH_COLORS[method]
+    free = [c for c in PALETTE if c not in BENCH_COLORS.values()] or PALETTE
+    unnamed = [m for m in methods if m not in BENCH_COLORS]
+    return free[unnamed.index(method) % len(free)]
 
 
 def demo_pair_chart(root: str | Path) -> Path:

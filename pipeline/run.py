@@ -173,10 +173,22 @@ def resolve_resources(config: CaptionConfig, cluster: Cluster | None = None) -> 
     return decide_resources(config, gpu_capacity(cluster))
 
 
+# Ray Data (2.60) fails the whole run on the first actor that dies before its constructor returns
+# (DataContext.max_consecutive_actor_init_deaths = 0). A pending actor can die without any fault of
+# ours: seen in the README-tour test, a Preprocessor actor "cancelled before it started running"
+# while its pool scaled, which failed a fresh job. A few consecutive deaths are replaced instead; the
+# count resets at every actor that starts, so a constructor that always fails (a model that cannot
+# load) still fails the run, after this many more tries.
+ACTOR_INIT_DEATHS = 2
+
+
 def build_dataset(config: CaptionConfig, plan: InputPlan, specs: list[dict], budget_report: str | None = None):
     """The lazy Ray Data graph over `specs`, yielding output rows with their ROW_COLUMN."""
     import ray.data
 
+    context = ray.data.DataContext.get_current()
+    if hasattr(context, "max_consecutive_actor_init_deaths"):
+        context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
     from workers.read import ShardReader
 
     image_col = config.image_column or config.image_uri_column

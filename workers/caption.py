@@ -24,7 +24,7 @@ from decoding.engine import SEED_BITS, row_seed
 from decoding.loading import load_model, parse_dtype  # safetensors only; refuses remote code and pickle
 from workers import storage
 from workers.batcher import ContinuousBatcher, RowRequest
-from workers.drill import Drill
+from workers.drill import PAUSE_POLL_S, Drill
 from workers.schema import OUTPUT_FIELDS, STATUS_OK, carry_row_index, one_line, output_schema
 
 
@@ -83,7 +83,7 @@ class CaptionWorker:
             times or acceptance drifted beyond 30%, drains its batch and measures the table again
             (at most 3 times, the window doubling each time); 0 switches the check off.
 
-    Fault drills in tests (an event log, a delay after each batch) are switched on by environment
+    Fault drills in tests (an event log, a delay after each batch, a pause file) are switched on by environment
     variables, never by arguments: see workers/drill.py.
     """
 
@@ -323,6 +323,8 @@ class CaptionWorker:
                 self._drill_lock = asyncio.Lock()
             async with self._drill_lock:
                 await asyncio.sleep(self.drill.batch_delay_s)
+        while self.drill.paused:
+            await asyncio.sleep(PAUSE_POLL_S)
         return self._finish(batch, ok, results, drill_ids)
 
     def caption(self, batch: pa.Table) -> pa.Table:

@@ -8,6 +8,9 @@ user-facing option or `CaptionConfig` (and never land in `_run.json`):
                                            are loaded, "start" and "return" per batch, each with
                                            the actor's pid, a timestamp and the batch's ids
     SPECLLAVA_DRILL_BATCH_DELAY=SECONDS    sleep after each batch (so a kill lands mid-run)
+    SPECLLAVA_DRILL_PAUSE_FILE=/path/file  after each batch, wait while this file exists (so a
+                                           test can hold a job mid-run for as long as its `stop`
+                                           takes, whatever the machine's speed, then let go)
     SPECLLAVA_DRILL_DEVICE=cpu             load the models on this device whatever the pipeline
                                            asks: a test head that declares GPUs it does not have
                                            (`ray start --num-gpus 2`) gets real GPU requests and
@@ -26,11 +29,13 @@ import time
 LOG_ENV = "SPECLLAVA_DRILL_LOG"
 BATCH_DELAY_ENV = "SPECLLAVA_DRILL_BATCH_DELAY"
 DEVICE_ENV = "SPECLLAVA_DRILL_DEVICE"
+PAUSE_FILE_ENV = "SPECLLAVA_DRILL_PAUSE_FILE"
+PAUSE_POLL_S = 0.2
 
 
 def drill_env() -> dict[str, str]:
     """The drill variables set in this process (empty in production)."""
-    return {name: os.environ[name] for name in (LOG_ENV, BATCH_DELAY_ENV) if os.environ.get(name)}
+    return {name: os.environ[name] for name in (LOG_ENV, BATCH_DELAY_ENV, PAUSE_FILE_ENV) if os.environ.get(name)}
 
 
 def with_device_drill(worker_cls: type) -> type:
@@ -53,6 +58,7 @@ class Drill:
         env = os.environ if env is None else env
         self.log_path = env.get(LOG_ENV) or None
         self.batch_delay_s = float(env.get(BATCH_DELAY_ENV) or 0.0)
+        self.pause_file = env.get(PAUSE_FILE_ENV) or None
 
     @property
     def wants_ids(self) -> bool:
@@ -69,6 +75,13 @@ class Drill:
         finally:
             os.close(fd)
 
+    @property
+    def paused(self) -> bool:
+        """True while the pause file is set and exists: the actor holds its next batch."""
+        return self.pause_file is not None and os.path.exists(self.pause_file)
+
     def after_batch(self) -> None:
         if self.batch_delay_s:
             time.sleep(self.batch_delay_s)
+        while self.paused:
+            time.sleep(PAUSE_POLL_S)

@@ -373,3 +373,12 @@ def test_bench_compiled_engine_and_hf_static(capsys):
     assert warm["hf_static"] > 10 * warm["target_greedy"]
     assert report["vs_best_plain"] == []                    # no speculative method ran
     assert "best plain_engine" in captured.err and "no drafting there" not in captured.err
+
+
+def test_every_bench_method_has_its_own_colour_in_the_chart():
+    from jobs.bench import METHODS
+    from jobs.charts import _method_color
+
+    methods = list(METHODS) + ["some_new_method"]
+    colours = [_method_color(m, methods) for m in methods]
+    assert len(set(colours)) == len(colours), dict(zip(methods, colours))

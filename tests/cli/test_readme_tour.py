@@ -12,7 +12,8 @@ The Ray-jobs block then runs in the same shell (its jobs read the tour's dataset
 little: `ray start --head` is a real head the test starts on loopback ports (tests/ray_head.py;
 its address exported as RAY_API_SERVER_ADDRESS, which `submit` reads), `raysubmit_XXXX` is the
 id `submit` printed last, `logs --follow` is Ctrl-C'd (SIGINT) once a progress line shows a
-commit so that `stop` meets a running job, and the id `resume --submit` prints is followed to
+commit, and the job's actors are held from then on (SPECLLAVA_DRILL_PAUSE_FILE) until after
+`stop`, so that `stop` meets a running job on a machine of any speed, and the id `resume --submit` prints is followed to
 its end before the table is checked.
 """
 from __future__ import annotations
@@ -40,7 +41,14 @@ def readme_block(heading: str) -> str:
 def jobs_script(dashboard: str) -> str:
     block = readme_block("### As Ray jobs")
     assert "raysubmit_XXXX" in block and block.startswith("ray start --head")
-    lines = []
+    # The jobs' actors hold after their batch while this file exists (workers/drill.py); the test
+    # creates it once the followed log shows a commit, so `status` and `stop` meet a running job on
+    # any machine, and removes it after the stop.
+    # A slower pace for the jobs than the tour's (submit passes the shell's drill variables on): the
+    # followed log's progress lines come every 10 s, and the first to show a commit must come
+    # before the job's end.
+    lines = ["export SPECLLAVA_DRILL_PAUSE_FILE=$PWD/hold-the-job   # the test: passed to the jobs by submit",
+             "export SPECLLAVA_DRILL_BATCH_DELAY=1.5   # the test: 25 batches of 8 rows, ~40 s a job"]
     for line in block.splitlines():
         command = line.split("  #")[0].rstrip()          # the README's end-of-line comments
         if command.startswith("ray start --head"):
@@ -49,6 +57,9 @@ def jobs_script(dashboard: str) -> str:
             lines.append(f"JOB=$({command} | tail -n 1); echo submitted $JOB")
         elif "--follow" in command:
             lines.append("interrupt_after_logged_commit " + command.replace("raysubmit_XXXX", "$JOB"))
+        elif command.startswith("specllava stop"):
+            lines.append(command.replace("raysubmit_XXXX", "$JOB"))
+            lines.append("rm -f $SPECLLAVA_DRILL_PAUSE_FILE   # the test: the resumed job runs unpaused")
         elif command.startswith("specllava resume") and "--submit" in command:
             lines.append(f"JOB2=$({command} | tail -n 1); echo resumed as $JOB2")
         else:
@@ -98,6 +109,7 @@ interrupt_after_logged_commit() {{
     kill -0 $pid 2>/dev/null || {{ echo "logs --follow ended before a commit"; cat follow.log; exit 1; }}
     sleep 0.5
   done
+  touch "$SPECLLAVA_DRILL_PAUSE_FILE"   # the job's actors hold from their next batch on
   kill -INT $pid; wait $pid || true
 }}
 # moto answers only once it listens: wait for it after the line that starts it
@@ -118,12 +130,12 @@ def test_the_readme_tour_and_ray_jobs_run_as_written(tmp_path):
     port = free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_API_SERVER"))}
     env["SPECLLAVA_DRILL_BATCH_DELAY"] = "0.6"   # a batch of 8 rows per 0.6 s: 4 units of 50 over ~15 s
-    # The head's jobs: the tour's fake credentials (the tour exports them in its shell), a slower pace
-    # (the jobs' progress lines come every 10 s: the stop must land before the job's end).
+    # The head's jobs: the tour's fake credentials (the tour exports them in its shell). Their pace and
+    # pause file are the submitting shell's (jobs_script), which submit passes to the job.
     # RAY_JOB_STOP_WAIT_TIME_S: Ray's job supervisor SIGKILLs a stopped job 3 s after its SIGTERM by
     # default; a loaded 2-core box can need longer to record the run and print the resume line.
     head_env = dict(env, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1",
-                    SPECLLAVA_DRILL_BATCH_DELAY="1.5", RAY_JOB_STOP_WAIT_TIME_S="30")
+                    RAY_JOB_STOP_WAIT_TIME_S="30")
     with ray_head(tmp_path, num_cpus=4, env=head_env) as head:
         script = tour_script(port, tmp_path) + jobs_script(head.dashboard_address)
         (tmp_path / "tour.sh").write_text(script)
