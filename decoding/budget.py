@@ -120,6 +120,16 @@ def forward_latency(model, sizes=DEFAULT_SIZES, prefix_len: int = 64, batch: int
 
 
 MIN_TAU_STEPS = 8   # row-steps below which the calibration decodes past EOS too (rows that end at once)
+# The acceptance calibration decodes as many tokens as the run's rows do, up to this many. Acceptance
+# changes along a row: on the real-weights pair (docs/benchmarks.md) tau(8, 4) is 4.38 over a row's
+# first 32 tokens and 3.73 over 128, and 3.43 was accepted in a 128-token bench, so a short
+# calibration of a long run picks trees too big. Beyond this the decode costs more than it tells.
+MAX_CALIBRATION_TOKENS = 128
+
+
+def calibration_tokens(max_new_tokens: int) -> int:
+    """How many tokens a row decodes in the acceptance calibration of a run of `max_new_tokens`."""
+    return max(1, min(max_new_tokens, MAX_CALIBRATION_TOKENS))
 
 
 def calibrate_tau(decoder: SpeculativeDecoder, input_ids, attention_mask, pixel_values, max_new_tokens: int,

@@ -283,7 +283,7 @@ def run(args) -> int:
     import torch
 
     from decoding import SpeculativeDecoder, TreeConfig
-    from decoding.budget import BudgetEntry, BudgetTable, choose_table
+    from decoding.budget import BudgetEntry, BudgetTable, calibration_tokens, choose_table
     from decoding.loading import parse_dtype
     from decoding.stats import mean_accepted_length
     from jobs.charts import bench_chart
@@ -319,7 +319,7 @@ def run(args) -> int:
         ids, mask, pixels = encode(processor, text, images[: min(8, len(images))], args.device, dtype)
         t0 = time.perf_counter()
         budget = choose_table(dynamic, ids, mask, pixels, batch_sizes=batch_sizes,
-                              max_new_tokens=min(args.max_new_tokens, 32), eos_token_id=eos)
+                              max_new_tokens=calibration_tokens(args.max_new_tokens), eos_token_id=eos)
         budget_s = time.perf_counter() - t0
         log(f"budget measured in {budget_s:.1f} s" + (" (compiling the step graphs of every candidate shape)"
                                                        if dynamic.graphs is not None and dynamic.graphs.mode else ""))

@@ -204,7 +204,7 @@ class CaptionWorker:
     def _calibrate(self, requests: list[RowRequest]) -> None:
         """--tree-budget auto: measure the budget table on this device, before decoding (and again
         when the steps drift from it, see `_watch`), and use it."""
-        from decoding.budget import DEFAULT_BATCH_SIZES, DriftMonitor, choose_table
+        from decoding.budget import DEFAULT_BATCH_SIZES, DriftMonitor, calibration_tokens, choose_table
         from workers.batcher import left_pad
 
         self.budget_pending = False
@@ -214,7 +214,7 @@ class CaptionWorker:
         sizes = sorted({b for b in DEFAULT_BATCH_SIZES if b < self.batch_size} | {self.batch_size})
         options = self.batcher.engine.options
         table = choose_table(self.decoder, ids, mask, pixels, batch_sizes=sizes,
-                             max_new_tokens=min(32, options.max_new_tokens), image_sizes=image_sizes,
+                             max_new_tokens=calibration_tokens(options.max_new_tokens), image_sizes=image_sizes,
                              eos_token_id=options.eos)
         first = self.budget is None
         self.decoder.budget = table

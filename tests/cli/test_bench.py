@@ -382,3 +382,27 @@ def test_every_bench_method_has_its_own_colour_in_the_chart():
     methods = list(METHODS) + ["some_new_method"]
     colours = [_method_color(m, methods) for m in methods]
     assert len(set(colours)) == len(colours), dict(zip(methods, colours))
+
+
+def test_bench_calibrates_acceptance_over_the_runs_own_length(capsys, monkeypatch):
+    """The budget's acceptance decode runs as many tokens as the bench's rows (up to the cap):
+    acceptance changes along a row, so a short calibration of long rows over-rates big trees."""
+    import decoding.budget as budget
+    from decoding.budget import MAX_CALIBRATION_TOKENS, calibration_tokens
+
+    assert calibration_tokens(10) == 10 and calibration_tokens(10 ** 4) == MAX_CALIBRATION_TOKENS
+    seen = []
+    real = budget.calibrate_tau
+
+    def recording(decoder, ids, mask, pixels, max_new_tokens, *args, **kwargs):
+        seen.append(max_new_tokens)
+        return real(decoder, ids, mask, pixels, max_new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(budget, "calibrate_tau", recording)
+    for cap, expected in ((10 ** 3, 11), (5, 5)):   # --quick rows are 12 tokens at most: a cap below
+        monkeypatch.setattr(budget, "MAX_CALIBRATION_TOKENS", cap)
+        seen.clear()
+        assert main(["bench", "--quick", "--json", "--chart", "", "--ignore-eos", "--max-new-tokens", "11",
+                     "--batch-sizes", "1", "--images", "1", "--methods", "target_greedy,dynamic_tree"]) == 0
+        json.loads(capsys.readouterr().out)
+        assert seen == [expected], (cap, seen)
