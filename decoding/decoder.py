@@ -103,3 +103,39 @@ class SpeculativeDecoder:
             done.update((row.key, row) for row in engine.step().finished)
         engine.keep_buffers()
         return GenerationResult(sequences=[done[b].tokens for b in range(B)], stats=[done[b].stats for b in range(B)])
+
+    def generate_stream(self, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]], slots: int,
+                        max_new_tokens: int = 64, eos_token_id: int | Iterable[int] | None = None) -> GenerationResult:
+        """Greedy decode of every row of `batches` ((input_ids, attention_mask, pixel_values), each
+        as `generate` takes them, one image per row) through `slots` rows decoding at once: a row
+        joins as soon as another finishes (continuous batching, as caption actors run), so a step
+        never waits on the slowest row of a batch. Rows come back in input order, each equal to
+        what `generate` gives it (greedy output does not depend on its batch-mates)."""
+        queue = [(ids[i:i + 1], mask[i:i + 1], None if pixels is None else pixels[i:i + 1])
+                 for ids, mask, pixels in batches for i in range(ids.shape[0])]
+        drafting = self.budget is None or self.budget.drafts
+        engine = self.engine(max_new_tokens, eos_token_id=eos_token_id, max_rows=max(1, slots), drafting=drafting,
+                             kept=self.kept)
+        done, next_row = {}, 0
+        while next_row < len(queue) or engine.active:
+            join = queue[next_row: next_row + slots - engine.active]
+            for ids, mask, pixels in _same_length_runs(join):   # one prefill per run of equal prompt lengths
+                keys = range(next_row, next_row + ids.shape[0])
+                done.update((row.key, row) for row in engine.add(ids, mask, pixels, keys=keys))
+                next_row += ids.shape[0]
+            if engine.active:
+                done.update((row.key, row) for row in engine.step().finished)
+        engine.keep_buffers()
+        rows = range(len(queue))
+        return GenerationResult(sequences=[done[r].tokens for r in rows], stats=[done[r].stats for r in rows])
+
+
+def _same_length_runs(rows: list[tuple[Tensor, Tensor, Tensor | None]]):
+    """Consecutive single rows of the same padded length, concatenated into one batch each."""
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end][0].shape[1] != rows[start][0].shape[1]:
+            run = rows[start:end]
+            pixels = None if run[0][2] is None else torch.cat([r[2] for r in run])
+            yield torch.cat([r[0] for r in run]), torch.cat([r[1] for r in run]), pixels
+            start = end

@@ -10,6 +10,12 @@ On the same images and prompt, in one process, methods are interleaved round aft
   plain_engine   this engine on the target alone (plain decoding on its KV pool, no draft prefill or draft
                  pool; compiled with --compile on);
   hf_static      (opt-in) HF generate with a static cache and a compiled forward (transformers' route).
+  dynamic_stream, plain_stream
+                 (opt-in) dynamic_tree's and plain_engine's decoders with continuous batching, as
+                 caption actors run: all the rows of a batch size's batches stream through one
+                 engine of that many slots, a row joining as soon as another finishes. A batch
+                 decoded alone (the other methods) waits for its slowest row at the end; with a tree
+                 rows advance at different speeds, so that tail is speculation's (docs/benchmarks.md).
 Speculative methods are reported against target greedy and against the best plain decoder at each
 batch size (`vs_best_plain`: target_greedy, hf_static, plain_engine; the JSON names which won).
 Per method and batch size: tokens/s, mean accepted length tau (decoding.stats.mean_accepted_length),
@@ -47,12 +53,16 @@ from jobs.common import DEMO_PAIR, POSITIVE_INT, UserError, add_dtype_argument, 
 
 # torch and the decoder are imported inside the functions that use them: `specllava --help`
 # builds this parser too, and must not pay for a torch import.
-METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree", "plain_engine", "hf_static")
+METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree", "plain_engine", "hf_static",
+           "dynamic_stream", "plain_stream")
+# Continuous batching (opt-in): the decoder of the named method, every row of the batch size's
+# batches streamed through one engine with batch-size slots (SpeculativeDecoder.generate_stream).
+STREAM_METHODS = {"dynamic_stream": "dynamic_tree", "plain_stream": "plain_engine"}
 DEFAULT_METHODS = ("target_greedy", "hf_assisted", "static_tree", "dynamic_tree", "plain_engine")
 # Plain (non-speculative) decoders: what speculation is also compared against, at each batch size
 # (target_greedy = HF generate with its dynamic cache; hf_static = HF generate with a static cache
 # and a compiled forward, transformers' documented fast route; plain_engine = this engine without drafting).
-PLAIN_METHODS = ("target_greedy", "hf_static", "plain_engine")
+PLAIN_METHODS = ("target_greedy", "hf_static", "plain_engine", "plain_stream")
 HF_METHODS = ("target_greedy", "hf_assisted", "hf_static")
 BASELINE = "target_greedy"
 DEFAULT_BATCH_SIZES = "1,8,32,128"
@@ -170,6 +180,13 @@ def run_method(method, target, draft, batches, args, eos, decoders, max_new_toke
     from decoding.stats import cut_after_eos
 
     max_new_tokens = max_new_tokens or args.max_new_tokens
+    if method in STREAM_METHODS:   # every batch's rows through one engine of batch-size slots
+        sync(args.device)
+        t0 = time.perf_counter()
+        res = decoders[STREAM_METHODS[method]].generate_stream(batches, batches[0][0].shape[0], max_new_tokens,
+                                                               eos_token_id=sorted(eos))
+        sync(args.device)
+        return res.sequences, time.perf_counter() - t0, sum(st.target_forwards for st in res.stats)
     seqs, forwards, t_total = [], 0, 0.0
     for ids, mask, pixels in batches:
         sync(args.device)
@@ -315,7 +332,7 @@ def run(args) -> int:
     static = TreeConfig(top_k=4, frontier=1, max_depth=5, max_nodes=20, threshold=0.0)
     dynamic = SpeculativeDecoder(target, draft, TreeConfig(), compile=args.compile)
     budget, budget_s = None, 0.0
-    if "dynamic_tree" in methods and not args.no_budget:
+    if {"dynamic_tree", "dynamic_stream"} & set(methods) and not args.no_budget:
         ids, mask, pixels = encode(processor, text, images[: min(8, len(images))], args.device, dtype)
         t0 = time.perf_counter()
         budget = choose_table(dynamic, ids, mask, pixels, batch_sizes=batch_sizes,
@@ -357,7 +374,8 @@ def run(args) -> int:
             tps = statistics.median(tokens / r[1] for r in results[m])
             rows = len(seqs)
             tau = mean_accepted_length(tokens, forwards, rows) or 0.0
-            drafting = m not in PLAIN_METHODS and not (m == "dynamic_tree" and budget and budget.lookup(bs) is None)
+            drafting = m not in PLAIN_METHODS and not (m in ("dynamic_tree", "dynamic_stream") and budget
+                                                        and budget.lookup(bs) is None)
             runs.append({"method": m, "batch_size": bs, "rows": rows, "tokens": tokens, "drafting": drafting,
                          "plain": m in PLAIN_METHODS, "warmup_s": round(warmup[m], 2),
                          "wall_s": round(warmup[m] + sum(r[1] for r in results[m]), 2),

@@ -288,6 +288,34 @@ def test_budget_table_lookup_by_active_rows():
     assert BudgetTable(entries=[BudgetEntry(8, chain)]).lookup(1) == chain   # below every entry: the smallest
 
 
+def test_budget_lookup_between_calibrated_sizes_interpolates_the_neighbours_step_times():
+    """Between two calibrated batch sizes the table picks one of the two neighbours' choices by
+    their step times interpolated to the active rows (figures shaped like the real-weights pair's:
+    the 1-row tree costs 3x the 8-row one at 8 rows), never another shape; a hand-made table
+    without step times keeps the lower neighbour's choice."""
+    big, small = TreeConfig(max_nodes=24, max_depth=6), TreeConfig(max_nodes=4, max_depth=3)
+    tau = {(24, 6): 5.0, (4, 3): 3.0}
+    table = BudgetTable(entries=[
+        BudgetEntry(1, big, step_s={"24,6": 0.105, "4,3": 0.068, "none": 0.040}),
+        BudgetEntry(8, small, step_s={"24,6": 0.344, "4,3": 0.125, "none": 0.072}),
+        BudgetEntry(32, None, step_s={"24,6": 1.2, "4,3": 0.40, "none": 0.12}, spread={"4,3": 0.01, "none": 0.01}),
+    ], tau=tau)
+    # 24/6 at r rows: 105 + 34.1 (r - 1) ms for 5 tokens; 4/3: 68 + 8.1 (r - 1) ms for 3 tokens
+    assert table.lookup(1) == big and table.lookup(8) == small
+    assert [table.lookup(r) for r in range(2, 8)] == [small] * 6
+    # between 8 (4/3) and 32 (none): 4/3 at r rows 125 + 11.5 (r - 8) ms for 3 tokens beats none's
+    # 72 + 2 (r - 8) ms for 1 token up to r = 24, beyond both spreads
+    assert [table.lookup(r) for r in (9, 20, 24)] == [small] * 3
+    assert [table.lookup(r) for r in (26, 31)] == [None] * 2
+    assert table.lookup(32) is None and table.lookup(100) is None
+    # at 2 rows a bushier tree that stays cheap wins over the 8-row choice
+    cheap = BudgetTable(entries=[BudgetEntry(1, big, step_s={"24,6": 0.050, "4,3": 0.045}),
+                                 BudgetEntry(8, small, step_s={"24,6": 0.200, "4,3": 0.100})], tau=tau)
+    assert cheap.lookup(2) == big and cheap.lookup(7) == small
+    chain = TreeConfig(max_nodes=1, max_depth=1)
+    assert BudgetTable(entries=[BudgetEntry(1, big), BudgetEntry(8, chain)]).lookup(7) == big   # no figures
+
+
 def test_drift_monitor_flags_step_times_and_acceptance_that_left_the_calibration():
     from decoding.budget import DriftMonitor
 

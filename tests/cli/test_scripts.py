@@ -30,7 +30,8 @@ def test_big_batch_steps_reports_each_shape():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert [line.split(":")[0].strip() for line in lines] == ["none", "2x2"]
-    assert all("add " in line and "at 2 rows" in line and "verify" in line for line in lines)
+    assert all("add " in line and "at 2 rows" in line and "verify" in line and "first 5" in line
+               and "steps with fewer rows" in line for line in lines)
 
 
 def test_batch_budget_estimate_agrees_with_the_full_tree():

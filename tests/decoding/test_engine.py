@@ -309,3 +309,33 @@ def test_generate_reuses_its_pool_buffers_for_a_batch_of_the_same_size(compile):
     out = decoder.generate(*third, max_new_tokens=6, eos_token_id=[])
     assert decoder.kept[0]._buffer is not kept and decoder.kept[0]._buffer.shape[1] != kept.shape[1]
     assert out.sequences == target_greedy(target, *third, 6, None)
+
+
+@pytest.mark.parametrize("compile", ["off", "static"])
+@pytest.mark.parametrize("seed", [pytest.param(seed, id=f"seed{seed}") for seed in range(6)])
+def test_generate_stream_equals_each_rows_target_greedy(seed, compile):
+    """Continuous batching in process (`generate_stream`): rows of several left-padded batches go
+    through fewer slots than rows, joining as others finish (at EOS or the token limit); every row
+    equals the target's own greedy output, in input order."""
+    from decoding.budget import BudgetEntry, BudgetTable
+
+    rng = random.Random(100 + seed)
+    text = ["llama", "qwen2", "mistral"][seed % 3]
+    target = target_model(text, "default", seed % 4)
+    draft = draft_model(["perturbed", "random"][seed % 2], text, "default", seed % 4)
+    sizes = [rng.randint(1, 5) for _ in range(rng.randint(2, 3))]
+    batches = [random_batch(target, n, [rng.randint(1, 20) for _ in range(n)], seed=seed * 10 + i)
+               for i, n in enumerate(sizes)]
+    max_new = rng.randint(6, 20)
+    first = target_greedy(target, *batches[0], max_new, None)
+    eos = first[0][rng.randrange(3)]
+    decoder = SpeculativeDecoder(target, draft, TreeConfig(max_nodes=rng.randint(1, 12), max_depth=rng.randint(1, 5)),
+                                 compile=compile)
+    if seed % 2:   # a budget that changes the tree (or drafts nothing) as rows join and finish
+        decoder.budget = BudgetTable(entries=[BudgetEntry(1, TreeConfig(max_nodes=8, max_depth=4)),
+                                              BudgetEntry(2, None), BudgetEntry(3, TreeConfig(max_nodes=2, max_depth=2))])
+    slots = rng.randint(1, 3)
+    result = decoder.generate_stream(batches, slots, max_new_tokens=max_new, eos_token_id=eos)
+    expected = [row for ids, mask, pixels in batches for row in target_greedy(target, ids, mask, pixels, max_new, eos)]
+    assert result.sequences == expected, (sizes, slots)
+    assert [st.new_tokens for st in result.stats] == [len(row) for row in expected]
