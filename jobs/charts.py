@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 DPI = 100
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#000000"]
 BENCH_COLORS = {"target_greedy": "#7f7f7f", "hf_assisted": "#d62728", "static_tree": "#1f77b4",
-                "dynamic_tree": "#2ca02c", "hf_static": "#ff7f0e", "plain_engine": "#9467bd"}
+                "dynamic_tree": "#2ca02c", "hf_static": "#ff7f0e", "plain_engine": "#9467bd",
+                "dynamic_stream": "#17becf", "plain_stream": "#bcbd22"}
 
 
 def _figure(width: int, height: int, ncols: int = 1):

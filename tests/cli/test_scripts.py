@@ -95,3 +95,14 @@ def test_plain_engine_ab_checks_every_decoder_against_greedy_and_times_them():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("batch 2: ") and "median" in line for line in lines)
+
+
+def test_budget_steps_check_prints_decode_and_budget_step_times():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "budget_steps_check.py"), "--batch", "2",
+                          "--max-new-tokens", "4", "--steps", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["decode, drafting engine", "decode, target-only engine",
+                                                      "budget, interleaved", "budget, no drafting alone"]
+    assert "'none':" in lines[2] and "'48,8':" in lines[2]
