@@ -111,10 +111,12 @@ class SpeculativeDecoder:
         joins as soon as another finishes (continuous batching, as caption actors run), so a step
         never waits on the slowest row of a batch. Rows come back in input order, each equal to
         what `generate` gives it (greedy output does not depend on its batch-mates)."""
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
         queue = [(ids[i:i + 1], mask[i:i + 1], None if pixels is None else pixels[i:i + 1])
                  for ids, mask, pixels in batches for i in range(ids.shape[0])]
         drafting = self.budget is None or self.budget.drafts
-        engine = self.engine(max_new_tokens, eos_token_id=eos_token_id, max_rows=max(1, slots), drafting=drafting,
+        engine = self.engine(max_new_tokens, eos_token_id=eos_token_id, max_rows=slots, drafting=drafting,
                              kept=self.kept)
         done, next_row = {}, 0
         while next_row < len(queue) or engine.active:

@@ -339,3 +339,5 @@ def test_generate_stream_equals_each_rows_target_greedy(seed, compile):
     expected = [row for ids, mask, pixels in batches for row in target_greedy(target, ids, mask, pixels, max_new, eos)]
     assert result.sequences == expected, (sizes, slots)
     assert [st.new_tokens for st in result.stats] == [len(row) for row in expected]
+    with pytest.raises(ValueError, match="slots"):
+        decoder.generate_stream(batches, 0)
