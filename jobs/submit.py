@@ -220,17 +220,29 @@ def logs_command(args) -> int:
     _job_call("read", jobs.get_job_status, args.submission_id, args.address)  # clear error if unknown
 
     import asyncio
+    import os
+    import signal
 
     async def tail() -> None:
         async for chunk in jobs.tail_job_logs(args.submission_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
+    def interrupted(signum, frame):
+        # Ctrl-C stops following at once; the job goes on. asyncio.run's own handler only cancels
+        # the tail task, and that cancel did not always end Ray's log stream: a test's SIGINT left
+        # the follow printing for 15 minutes. Nothing is left to clean up (every chunk is flushed).
+        sys.stdout.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
         asyncio.run(tail())
     except RuntimeError as exc:  # the websocket closed: cluster gone or dashboard restarted
         raise UserError(f"log stream of {args.submission_id} ended early ({' '.join(str(exc).split())[:200]}); "
                         "check `specllava status`") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
 
 

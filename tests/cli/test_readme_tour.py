@@ -110,7 +110,10 @@ interrupt_after_logged_commit() {{
     sleep 0.5
   done
   touch "$SPECLLAVA_DRILL_PAUSE_FILE"   # the job's actors hold from their next batch on
-  kill -INT $pid; wait $pid || true
+  kill -INT $pid
+  for _ in $(seq 60); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+  if kill -0 $pid 2>/dev/null; then echo "logs --follow ignored Ctrl-C for 30 s"; kill -9 $pid; exit 1; fi
+  wait $pid || true
 }}
 # moto answers only once it listens: wait for it after the line that starts it
 wait_for_moto() {{ for _ in $(seq 100); do python -c "import socket; socket.create_connection(('127.0.0.1', {port}), 0.2)" 2>/dev/null && return; sleep 0.2; done; exit 1; }}
