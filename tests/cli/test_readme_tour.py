@@ -4,7 +4,8 @@ The tour's ```bash block is taken from README.md and run by bash, changed only w
 must: the venv's bin dir goes on PATH instead of `source .venv/bin/activate`, the moto server
 gets a free port instead of 9000 (every 9000 in the block), the "Ctrl-C it halfway" caption is
 sent SIGINT once its first unit is committed (with the fault drills' SPECLLAVA_DRILL_BATCH_DELAY
-pacing the actors, so that lands mid-run on any machine), and the work happens in a temp dir. Everything
+pacing the actors and SPECLLAVA_DRILL_PAUSE_FILE holding them from then on until it has exited,
+so that lands mid-run on any machine), and the work happens in a temp dir. Everything
 else (commands, flags, the S3 bucket and prefixes, the hint the interrupted run prints) is the
 README's; a command that fails fails the test (`set -e`).
 
@@ -95,8 +96,10 @@ interrupt_after_first_commit() {{
     kill -0 $pid 2>/dev/null || {{ echo "caption ended before its first commit"; cat caption.log; exit 1; }}
     sleep 0.5
   done
+  touch "$SPECLLAVA_DRILL_PAUSE_FILE"   # its actors hold from their next batch on: the Ctrl-C lands mid-run
   kill -INT $pid
   local rc=0; wait $pid || rc=$?
+  rm -f "$SPECLLAVA_DRILL_PAUSE_FILE"
   echo "interrupted caption exited $rc"
 }}
 # The Ctrl-C on `logs --follow`: SIGINT once a progress line shows a committed row.
@@ -133,6 +136,10 @@ def test_the_readme_tour_and_ray_jobs_run_as_written(tmp_path):
     port = free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_API_SERVER"))}
     env["SPECLLAVA_DRILL_BATCH_DELAY"] = "0.6"   # a batch of 8 rows per 0.6 s: 4 units of 50 over ~15 s
+    # The caption's actors hold while this file exists (workers/drill.py): the test creates it when
+    # the first unit is committed, so the Ctrl-C lands mid-run however slow the poll is (a loaded
+    # CI box once let the caption finish first), and removes it once the caption has exited.
+    env["SPECLLAVA_DRILL_PAUSE_FILE"] = str(tmp_path / "hold-the-job")
     # The head's jobs: the tour's fake credentials (the tour exports them in its shell). Their pace and
     # pause file are the submitting shell's (jobs_script), which submit passes to the job.
     # RAY_JOB_STOP_WAIT_TIME_S: Ray's job supervisor SIGKILLs a stopped job 3 s after its SIGTERM by
