@@ -97,7 +97,16 @@ interrupt_after_first_commit() {{
     sleep 0.5
   done
   touch "$SPECLLAVA_DRILL_PAUSE_FILE"   # its actors hold from their next batch on: the Ctrl-C lands mid-run
-  kill -INT $pid
+  # Ctrl-C, and once more if the first did not stop it within 30 s (seen once on a loaded box);
+  # then give up loudly rather than hang
+  local tries
+  for tries in 1 2; do
+    kill -INT $pid 2>/dev/null || true
+    for _ in $(seq 60); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+    kill -0 $pid 2>/dev/null || break
+    echo "caption still running 30 s after Ctrl-C number $tries"
+  done
+  if kill -0 $pid 2>/dev/null; then kill -9 $pid; rm -f "$SPECLLAVA_DRILL_PAUSE_FILE"; exit 1; fi
   local rc=0; wait $pid || rc=$?
   rm -f "$SPECLLAVA_DRILL_PAUSE_FILE"
   echo "interrupted caption exited $rc"
